@@ -1,0 +1,25 @@
+# The two commands: `make serve` (set up, prepare the default model, run the server) and
+# `make test` (set up, run the whole test suite). Both work from a clean clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export LONGROPE_VENV := $(VENV)
+
+.PHONY: install model serve test lint
+
+install:
+	bash scripts/install.sh
+
+model: install
+	$(PY) -m server.default_model
+
+serve: install
+	$(VENV)/bin/longrope-serve $(ARGS)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
