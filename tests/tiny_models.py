@@ -1,0 +1,84 @@
+"""Tiny, deterministic random models for engine tests (2 layers; long prompts stay cheap)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _save(model: Any, folder: Path, tokenizer_dir: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def make_tiny_llama(folder: Path, tokenizer_dir: Path, *, max_position_embeddings: int = 256, seed: int = 0) -> Path:
+    """Llama, 2 layers, hidden 128, 2 heads (head_dim 64 → 32 frequency pairs), fp32, SmolLM2 tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        dtype="float32",
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits spread so greedy ties are unlikely
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    return _save(model, folder, tokenizer_dir)
+
+
+def make_tiny_phi3(
+    folder: Path, tokenizer_dir: Path, *, original: int = 128, max_position_embeddings: int = 1024, seed: int = 0
+) -> Path:
+    """Phi-3-style model with a ``longrope`` config (short + long factors), 2 layers, fp32."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    head_dim = 64
+    short = [1.0 + 0.05 * i for i in range(head_dim // 2)]
+    long = [1.0 + 1.5 * i for i in range(head_dim // 2)]
+    cfg = Phi3Config(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        original_max_position_embeddings=original,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        dtype="float32",
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": short,
+            "long_factor": long,
+            "original_max_position_embeddings": original,
+        },
+    )
+    model = Phi3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    return _save(model, folder, tokenizer_dir)
