@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Iterable
@@ -27,6 +28,8 @@ from .policy import AdmissionPolicy, Assignment, RequestTooLong, SetTable
 from .vllm_patch import CONFIG_KEY, EXTENSION_QUALNAME, EXTRA_ARGS_KEY, PATCH_VERSION, VLLM_VERSION_TARGET
 
 logger = logging.getLogger("longrope.engine")
+
+ASSIGNMENT_KEY = "_longrope_assignment"  # an admitted Assignment riding on the prompt dict
 
 
 # -- where sets come from at start --------------------------------------------------------------------
@@ -151,6 +154,9 @@ class LongRopeEngine:
         from .vllm_patch import install
 
         install()  # also done by the plugin entry point in every vLLM process
+        # On CUDA, vLLM 0.32 defaults to Model Runner V2, which this patch does not hook; pin the V1 runner
+        # (the path the CPU tests prove). Spawned engine processes inherit the environment.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         model, sets = startup_sets(settings.model, settings.factor_paths)
         kwargs = plan_engine_args(settings, model, sets)
         t0 = time.monotonic()
@@ -169,6 +175,14 @@ class LongRopeEngine:
     def assign(self, prompt_tokens: int, max_tokens: int | None) -> Assignment:
         return self.policy.assign(self.table, prompt_tokens, max_tokens)
 
+    def admit(self, prompt_tokens: int, max_tokens: int | None) -> Assignment:
+        """Assign a set and count the request on its version from this moment on, so the version's
+        table rows cannot be released before the request reaches the engine."""
+        assignment = self.assign(prompt_tokens, max_tokens)
+        self.in_flight[assignment.key] += 1
+        self.served[assignment.key] += 1
+        return assignment
+
     async def generate(
         self,
         prompt: Any,
@@ -181,25 +195,26 @@ class LongRopeEngine:
         """``AsyncLLM.generate`` with the request's factor set assigned first.
 
         ``prompt`` must be tokenised (``{"prompt_token_ids": [...]}``), as vLLM's serving layer passes it.
-        ``requested_max_tokens`` is what the client asked for (None: nothing); by default the sampling
-        params' max_tokens counts as asked for.
+        It may carry an assignment made earlier by :meth:`admit` (the HTTP layer admits at render time,
+        before response headers go out). Otherwise ``requested_max_tokens`` is what the client asked for
+        (None: nothing); by default the sampling params' max_tokens counts as asked for.
         """
         if not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
             raise TypeError("LongRopeEngine.generate needs a tokenised prompt ({'prompt_token_ids': [...]})")
-        ids = prompt["prompt_token_ids"]
-        asked = sampling_params.max_tokens if requested_max_tokens == "from-params" else requested_max_tokens
-        assignment = self.assign(len(ids), asked)  # raises RequestTooLong / ValueError before anything runs
-        params = sampling_params.clone()
-        params.max_tokens = assignment.max_tokens
-        params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: assignment.key}
-        user_salt = prompt.get("cache_salt")
-        salted = {**prompt, "cache_salt": assignment.cache_salt + (f"|{user_salt}" if user_salt else "")}
+        prompt = dict(prompt)
+        assignment: Assignment | None = prompt.pop(ASSIGNMENT_KEY, None)
+        if assignment is None:
+            asked = sampling_params.max_tokens if requested_max_tokens == "from-params" else requested_max_tokens
+            assignment = self.admit(len(prompt["prompt_token_ids"]), asked)  # raises before anything runs
         key = assignment.key
-        self.in_flight[key] += 1
-        self.served[key] += 1
-        self.assignments[request_id] = assignment
         try:
-            async for output in self.engine.generate(salted, params, request_id, **kwargs):
+            params = sampling_params.clone()
+            params.max_tokens = min(assignment.max_tokens, params.max_tokens or assignment.max_tokens)
+            params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: key}
+            user_salt = prompt.get("cache_salt")
+            prompt["cache_salt"] = assignment.cache_salt + (f"|{user_salt}" if user_salt else "")
+            self.assignments[request_id] = assignment
+            async for output in self.engine.generate(prompt, params, request_id, **kwargs):
                 yield output
         finally:
             self.assignments.pop(request_id, None)

@@ -31,7 +31,7 @@ import torch
 from factors.rope import iter_table_chunks
 from factors.schema import FactorSet, parse_factor_set
 
-logger = logging.getLogger("longrope.vllm_patch")
+logger = logging.getLogger("vllm.longrope_patch")  # under "vllm." so worker processes show it
 
 VLLM_VERSION_TARGET = "0.32"
 PATCH_VERSION = "1"

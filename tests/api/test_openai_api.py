@@ -1,0 +1,139 @@
+"""The HTTP server over the real engine, through the real openai SDK."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [
+        str(Path(sys.executable).parent / "longrope-serve"),
+        "--model",
+        str(tiny_llama),
+        "--served-model-name",
+        "tiny",
+        "--factors",
+        str(set_files),
+        "--default-reserve",
+        "16",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "8",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"server did not become healthy:\n{log.read_text()[-4000:]}")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 40000) for _ in range(n)]
+
+
+@pytest.mark.parametrize("length,max_tokens,expected", [(100, 8, "original@1"), (400, 8, "mid@1"), (1500, 8, "nhat@1")])
+def test_completion_reports_its_set(client: openai.OpenAI, length: int, max_tokens: int, expected: str) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="tiny", prompt=ids_of(length, length), max_tokens=max_tokens, temperature=0
+    )
+    assert raw.headers["x-longrope-factor-set"] == expected
+    completion = raw.parse()
+    assert completion.usage.prompt_tokens == length and completion.usage.completion_tokens == max_tokens
+
+
+def test_without_max_tokens_smallest_set_and_capped_generation(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=ids_of(200, 3), temperature=0)
+    assert raw.headers["x-longrope-factor-set"] == "original@1"  # 200 + reserve 16 ≤ 256
+    completion = raw.parse()
+    assert completion.usage.completion_tokens <= 56  # capped at the set's window of 256
+    if completion.usage.completion_tokens == 56:
+        assert completion.choices[0].finish_reason == "length"
+
+
+def test_streaming_has_header(client: openai.OpenAI) -> None:
+    with client.completions.with_streaming_response.create(
+        model="tiny", prompt=ids_of(400, 4), max_tokens=6, temperature=0, stream=True
+    ) as response:
+        assert response.headers["x-longrope-factor-set"] == "mid@1"
+        chunks = [line for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    assert len(chunks) >= 6
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=5, temperature=0
+    )
+    assert raw.headers["x-longrope-factor-set"] == "original@1"
+    assert raw.parse().usage.completion_tokens == 5
+
+
+def test_too_long_is_an_openai_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=ids_of(2100, 5), max_tokens=4)
+    # vLLM's renderer refuses it first (the engine window is the largest set window)
+    assert "maximum context length is 2048 tokens" in str(err.value) and "2100" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=ids_of(100, 5), max_tokens=2000)
+    assert "ask for max_tokens ≤ 1948" in str(err.value)
+    ok = client.completions.create(model="tiny", prompt=ids_of(50, 6), max_tokens=3)
+    assert ok.usage.completion_tokens == 3
+
+
+def test_prompt_logprobs_extra_field_still_works(server: str) -> None:
+    ids = ids_of(30, 9)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 2, "prompt_logprobs": 0, "temperature": 0}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["x-longrope-factor-set"] == "original@1"
+    assert len(r.json()["choices"][0]["prompt_logprobs"]) == 30
