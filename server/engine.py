@@ -168,8 +168,9 @@ class LongRopeEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
-    def shutdown(self) -> None:
-        self.engine.shutdown()
+    def shutdown(self, *args: Any, **kwargs: Any) -> None:
+        """Stop the engine core and workers (vLLM's launcher passes ``timeout=``)."""
+        self.engine.shutdown(*args, **kwargs)
 
     # -- requests
     def assign(self, prompt_tokens: int, max_tokens: int | None) -> Assignment:

@@ -66,11 +66,12 @@ def server(tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathF
         proc.kill()
         raise RuntimeError(f"server did not become healthy:\n{log.read_text()[-4000:]}")
     yield base
-    proc.terminate()
+    proc.terminate()  # SIGTERM: vLLM's launcher drains and stops the engine core and workers
     try:
-        proc.wait(30)
+        proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+        raise AssertionError(f"server did not stop on SIGTERM:\n{log.read_text()[-4000:]}") from None
 
 
 @pytest.fixture(scope="module")
