@@ -1,0 +1,318 @@
+"""Serving benchmark: the same mixed-length workload against longrope-serve and stock vLLM, alternating.
+
+Both servers run on this machine at the same time on the same model (only one receives traffic at a time);
+rounds alternate A/B so drift (thermal, caches) hits both alike. Prompts are random token ids of exact
+lengths sent to ``/v1/completions`` with streaming, so no tokenizer is needed here and both servers see
+identical requests. Reports requests/s, token throughput, TTFT and latency percentiles, per-set counts
+(from the ``x-longrope-factor-set`` header) and the throughput ratio this server ÷ stock.
+
+Talks HTTP only; it starts the two servers as subprocesses (``longrope-serve`` and
+``python -m vllm.entrypoints.openai.api_server``) unless given their URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HEADER = "x-longrope-factor-set"
+
+
+@dataclass(frozen=True)
+class Bucket:
+    name: str
+    min_len: int
+    max_len: int
+    weight: float
+
+
+def parse_mix(text: str) -> list[Bucket]:
+    """``short:32-512:0.5,medium:512-4096:0.4,long:8500-12000:0.1`` → buckets."""
+    out = []
+    for part in text.split(","):
+        try:
+            name, span, weight = part.split(":")
+            lo, hi = (int(v) for v in span.split("-"))
+            out.append(Bucket(name, lo, hi, float(weight)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad mix entry {part!r}; expected NAME:MIN-MAX:WEIGHT") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    bucket: str
+    prompt: list[int]
+    max_tokens: int
+
+
+def make_workload(mix: list[Bucket], n: int, max_tokens: int, seed: int, vocab: tuple[int, int]) -> list[Job]:
+    rng = random.Random(seed)
+    weights = [b.weight for b in mix]
+    jobs = []
+    for _ in range(n):
+        b = rng.choices(mix, weights)[0]
+        length = rng.randint(b.min_len, b.max_len)
+        jobs.append(Job(b.name, [rng.randrange(*vocab) for _ in range(length)], max_tokens))
+    return jobs
+
+
+@dataclass
+class Result:
+    bucket: str
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft: float | None = None
+    latency: float | None = None
+    factor_set: str | None = None
+    error: str | None = None
+
+
+async def run_job(client: httpx.AsyncClient, url: str, model: str, job: Job) -> Result:
+    body = {
+        "model": model, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    res = Result(job.bucket, len(job.prompt))
+    t0 = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            res.factor_set = resp.headers.get(HEADER)
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and res.ttft is None:
+                    res.ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+        res.latency = time.perf_counter() - t0
+    except httpx.HTTPError as err:
+        res.error = f"{type(err).__name__}: {err}"
+    return res
+
+
+async def run_round(url: str, model: str, jobs: list[Job], concurrency: int, timeout: float) -> tuple[list[Result], float]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+
+        async def one(job: Job) -> Result:
+            async with sem:
+                return await run_job(client, url, model, job)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(j) for j in jobs))
+        return list(results), time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+@dataclass
+class Summary:
+    requests: int
+    failed: int
+    wall_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+    per_set: dict[str, int] = field(default_factory=dict)
+
+
+def summarise(rounds: list[tuple[list[Result], float]]) -> Summary:
+    results = [r for rs, _ in rounds for r in rs]
+    wall = sum(w for _, w in rounds)
+    ok = [r for r in results if r.error is None]
+    out_tokens = sum(r.output_tokens for r in ok)
+    all_tokens = out_tokens + sum(r.prompt_tokens for r in ok)
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    lats = [r.latency for r in ok if r.latency is not None]
+    return Summary(
+        requests=len(results), failed=len(results) - len(ok), wall_s=wall,
+        requests_per_s=len(ok) / wall, output_tokens_per_s=out_tokens / wall, total_tokens_per_s=all_tokens / wall,
+        ttft_p50_s=pct(ttfts, 50), ttft_p99_s=pct(ttfts, 99), latency_p50_s=pct(lats, 50), latency_p99_s=pct(lats, 99),
+        per_set=dict(Counter(r.factor_set or "-" for r in ok)),
+    )
+
+
+# -- servers ----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    fh = log.open("w")
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"server at {url} not healthy after {timeout:.0f} s; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m clients.bench",
+        description="Mixed-length serving benchmark of longrope-serve against stock vLLM on the same model, alternating rounds.",
+    )
+    p.add_argument("--model", help="model folder (default: the embedded SmolLM2 default model)")
+    p.add_argument("--factors", nargs="*", default=None, help="factor files/folders for longrope-serve (default: its default sets)")
+    p.add_argument("--mix", type=parse_mix, default=parse_mix("short:32-512:0.5,medium:512-3000:0.4,long:8400-9000:0.1"),
+                   help="NAME:MIN-MAX:WEIGHT,... prompt length buckets (tokens)")
+    p.add_argument("--requests", type=int, default=24, help="requests per round")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per server (alternating)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (ignore_eos)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=32768, help="engine window for both servers")
+    p.add_argument("--ours-url", help="use a running longrope-serve instead of starting one")
+    p.add_argument("--stock-url", help="use a running stock vLLM server instead of starting one")
+    p.add_argument("--served-model-name", default="bench-model")
+    p.add_argument("--log-dir", type=Path, default=Path("out/bench"))
+    p.add_argument("--json", type=Path, help="write the full report as JSON")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    args = p.parse_args(argv)
+
+    bindir = Path(sys.executable).parent
+    if args.model is None:
+        out = subprocess.run([str(bindir / "longrope-prepare-model"), "--print-path"], capture_output=True, text=True, check=True)
+        args.model = out.stdout.strip().splitlines()[-1]
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+    common = ["--served-model-name", args.served_model_name, "--host", "127.0.0.1", "--max-num-seqs", str(max(args.concurrency, 8))]
+    procs = []
+    try:
+        ours_url, stock_url = args.ours_url, args.stock_url
+        if ours_url is None:
+            port = _free_port()
+            cmd = [str(bindir / "longrope-serve"), "--model", args.model, "--port", str(port), *common]
+            if args.factors:
+                cmd += ["--factors", *args.factors]
+            elif Path(args.model).name == "smollm2-135m-instruct":
+                cmd += ["--factors", str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]
+            procs.append((start_server(cmd, args.log_dir / "longrope-serve.log", env), f"http://127.0.0.1:{port}", args.log_dir / "longrope-serve.log"))
+            ours_url = procs[-1][1]
+        if stock_url is None:
+            port = _free_port()
+            overrides = json.dumps({"max_position_embeddings": args.max_model_len})
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--port", str(port),
+                   "--max-model-len", str(args.max_model_len), "--hf-overrides", overrides, *common]
+            procs.append((start_server(cmd, args.log_dir / "stock-vllm.log", env), f"http://127.0.0.1:{port}", args.log_dir / "stock-vllm.log"))
+            stock_url = procs[-1][1]
+        for proc, url, log in procs:
+            wait_healthy(url, proc, log)
+        jobs = make_workload(args.mix, args.requests, args.max_tokens, args.seed, (100, 40000))
+        # one warm-up request each (first-request compile paths)
+        for url in (ours_url, stock_url):
+            asyncio.run(run_round(url, args.served_model_name, jobs[:1], 1, args.timeout))
+        ours_rounds, stock_rounds = [], []
+        for r in range(args.rounds):
+            for label, url, bucket in (("longrope-serve", ours_url, ours_rounds), ("stock vLLM", stock_url, stock_rounds)):
+                results, wall = asyncio.run(run_round(url, args.served_model_name, jobs, args.concurrency, args.timeout))
+                bucket.append((results, wall))
+                print(f"round {r + 1} {label}: {wall:.1f} s, {sum(x.error is not None for x in results)} failed", file=sys.stderr)
+        ours, stock = summarise(ours_rounds), summarise(stock_rounds)
+    finally:
+        for proc, _, _ in procs:
+            stop_server(proc)
+    report = {
+        "table_memory": table_memory(args.factors or [str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]),
+        "throughput_ratio": ours.total_tokens_per_s / stock.total_tokens_per_s,
+        "output_throughput_ratio": ours.output_tokens_per_s / stock.output_tokens_per_s,
+        "failed_requests": ours.failed + stock.failed,
+        "longrope_serve": asdict(ours),
+        "stock_vllm": asdict(stock),
+        "workload": {"mix": [asdict(b) for b in args.mix], "requests_per_round": args.requests, "rounds": args.rounds,
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens, "seed": args.seed,
+                     "model": args.model, "max_model_len": args.max_model_len},
+    }
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["failed_requests"] == 0 else 1
+
+
+def table_memory(paths: list[str]) -> dict[str, dict[str, float]]:
+    """Per-set cos/sin table memory (max_len × rotary_dim × dtype bytes) of the JSON sets served."""
+    from factors.formats import load_any
+
+    out: dict[str, dict[str, float]] = {}
+    for raw in paths:
+        p = Path(raw)
+        for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
+            for fs in load_any(f):
+                out[fs.name] = {"window": fs.max_len, "mib_fp32": fs.table_bytes(4) / 2**20, "mib_bf16": fs.table_bytes(2) / 2**20}
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = [("", "longrope-serve", "stock vLLM")]
+    a, b = report["longrope_serve"], report["stock_vllm"]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    for key in ("requests", "failed", "wall_s", "requests_per_s", "total_tokens_per_s", "output_tokens_per_s",
+                "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s"):
+        rows.append((key, f(a[key]), f(b[key])))
+    rows.append(("per_set", json.dumps(a["per_set"]), json.dumps(b["per_set"])))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(width[i]) for i, c in enumerate(r)))
+    print(f"throughput ratio (total tokens/s, longrope-serve ÷ stock): {report['throughput_ratio']:.3f}")
+    print(f"output-token throughput ratio: {report['output_throughput_ratio']:.3f}")
+    for name, mem in report["table_memory"].items():
+        print(f"table {name}: window {mem['window']}, {mem['mib_bf16']:.1f} MiB bf16 / {mem['mib_fp32']:.1f} MiB fp32")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
