@@ -84,8 +84,13 @@ class Result:
 
 async def run_job(client: httpx.AsyncClient, url: str, model: str, job: Job) -> Result:
     body = {
-        "model": model, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0.0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "model": model,
+        "prompt": job.prompt,
+        "max_tokens": job.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     res = Result(job.bucket, len(job.prompt))
     t0 = time.perf_counter()
@@ -109,7 +114,9 @@ async def run_job(client: httpx.AsyncClient, url: str, model: str, job: Job) -> 
     return res
 
 
-async def run_round(url: str, model: str, jobs: list[Job], concurrency: int, timeout: float) -> tuple[list[Result], float]:
+async def run_round(
+    url: str, model: str, jobs: list[Job], concurrency: int, timeout: float
+) -> tuple[list[Result], float]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=timeout) as client:
 
@@ -154,9 +161,16 @@ def summarise(rounds: list[tuple[list[Result], float]]) -> Summary:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     lats = [r.latency for r in ok if r.latency is not None]
     return Summary(
-        requests=len(results), failed=len(results) - len(ok), wall_s=wall,
-        requests_per_s=len(ok) / wall, output_tokens_per_s=out_tokens / wall, total_tokens_per_s=all_tokens / wall,
-        ttft_p50_s=pct(ttfts, 50), ttft_p99_s=pct(ttfts, 99), latency_p50_s=pct(lats, 50), latency_p99_s=pct(lats, 99),
+        requests=len(results),
+        failed=len(results) - len(ok),
+        wall_s=wall,
+        requests_per_s=len(ok) / wall,
+        output_tokens_per_s=out_tokens / wall,
+        total_tokens_per_s=all_tokens / wall,
+        ttft_p50_s=pct(ttfts, 50),
+        ttft_p99_s=pct(ttfts, 99),
+        latency_p50_s=pct(lats, 50),
+        latency_p99_s=pct(lats, 99),
         per_set=dict(Counter(r.factor_set or "-" for r in ok)),
     )
 
@@ -204,9 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Mixed-length serving benchmark of longrope-serve against stock vLLM on the same model, alternating rounds.",
     )
     p.add_argument("--model", help="model folder (default: the embedded SmolLM2 default model)")
-    p.add_argument("--factors", nargs="*", default=None, help="factor files/folders for longrope-serve (default: its default sets)")
-    p.add_argument("--mix", type=parse_mix, default=parse_mix("short:32-512:0.5,medium:512-3000:0.4,long:8400-9000:0.1"),
-                   help="NAME:MIN-MAX:WEIGHT,... prompt length buckets (tokens)")
+    p.add_argument(
+        "--factors", nargs="*", default=None, help="factor files/folders for longrope-serve (default: its default sets)"
+    )
+    p.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=parse_mix("short:32-512:0.5,medium:512-3000:0.4,long:8400-9000:0.1"),
+        help="NAME:MIN-MAX:WEIGHT,... prompt length buckets (tokens)",
+    )
     p.add_argument("--requests", type=int, default=24, help="requests per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds per server (alternating)")
     p.add_argument("--concurrency", type=int, default=4)
@@ -223,11 +243,20 @@ def main(argv: list[str] | None = None) -> int:
 
     bindir = Path(sys.executable).parent
     if args.model is None:
-        out = subprocess.run([str(bindir / "longrope-prepare-model"), "--print-path"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [str(bindir / "longrope-prepare-model"), "--print-path"], capture_output=True, text=True, check=True
+        )
         args.model = out.stdout.strip().splitlines()[-1]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
-    common = ["--served-model-name", args.served_model_name, "--host", "127.0.0.1", "--max-num-seqs", str(max(args.concurrency, 8))]
+    common = [
+        "--served-model-name",
+        args.served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--max-num-seqs",
+        str(max(args.concurrency, 8)),
+    ]
     procs = []
     try:
         ours_url, stock_url = args.ours_url, args.stock_url
@@ -238,41 +267,83 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--factors", *args.factors]
             elif Path(args.model).name == "smollm2-135m-instruct":
                 cmd += ["--factors", str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]
-            procs.append((start_server(cmd, args.log_dir / "longrope-serve.log", env), f"http://127.0.0.1:{port}", args.log_dir / "longrope-serve.log"))
+            procs.append(
+                (
+                    start_server(cmd, args.log_dir / "longrope-serve.log", env),
+                    f"http://127.0.0.1:{port}",
+                    args.log_dir / "longrope-serve.log",
+                )
+            )
             ours_url = procs[-1][1]
         if stock_url is None:
             port = _free_port()
             overrides = json.dumps({"max_position_embeddings": args.max_model_len})
-            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--port", str(port),
-                   "--max-model-len", str(args.max_model_len), "--hf-overrides", overrides, *common]
-            procs.append((start_server(cmd, args.log_dir / "stock-vllm.log", env), f"http://127.0.0.1:{port}", args.log_dir / "stock-vllm.log"))
+            cmd = [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                args.model,
+                "--port",
+                str(port),
+                "--max-model-len",
+                str(args.max_model_len),
+                "--hf-overrides",
+                overrides,
+                *common,
+            ]
+            procs.append(
+                (
+                    start_server(cmd, args.log_dir / "stock-vllm.log", env),
+                    f"http://127.0.0.1:{port}",
+                    args.log_dir / "stock-vllm.log",
+                )
+            )
             stock_url = procs[-1][1]
         for proc, url, log in procs:
             wait_healthy(url, proc, log)
-        jobs = make_workload(args.mix, args.requests, args.max_tokens, args.seed, (100, 40000))
-        # one warm-up request each (first-request compile paths)
+        # one warm-up request each (first-request compile paths), with a prompt no round uses
+        warmup = make_workload(args.mix[:1], 1, args.max_tokens, args.seed + 10_000, (100, 40000))
         for url in (ours_url, stock_url):
-            asyncio.run(run_round(url, args.served_model_name, jobs[:1], 1, args.timeout))
+            asyncio.run(run_round(url, args.served_model_name, warmup, 1, args.timeout))
         ours_rounds, stock_rounds = [], []
+        servers = [("longrope-serve", ours_url, ours_rounds), ("stock vLLM", stock_url, stock_rounds)]
         for r in range(args.rounds):
-            for label, url, bucket in (("longrope-serve", ours_url, ours_rounds), ("stock vLLM", stock_url, stock_rounds)):
-                results, wall = asyncio.run(run_round(url, args.served_model_name, jobs, args.concurrency, args.timeout))
+            # fresh prompts every round (identical for both servers), so the prefix cache helps neither
+            # across rounds; the order alternates so neither server always goes first
+            jobs = make_workload(args.mix, args.requests, args.max_tokens, args.seed + r, (100, 40000))
+            for label, url, bucket in servers if r % 2 == 0 else servers[::-1]:
+                results, wall = asyncio.run(
+                    run_round(url, args.served_model_name, jobs, args.concurrency, args.timeout)
+                )
                 bucket.append((results, wall))
-                print(f"round {r + 1} {label}: {wall:.1f} s, {sum(x.error is not None for x in results)} failed", file=sys.stderr)
+                print(
+                    f"round {r + 1} {label}: {wall:.1f} s, {sum(x.error is not None for x in results)} failed",
+                    file=sys.stderr,
+                )
         ours, stock = summarise(ours_rounds), summarise(stock_rounds)
     finally:
         for proc, _, _ in procs:
             stop_server(proc)
     report = {
-        "table_memory": table_memory(args.factors or [str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]),
+        "table_memory": table_memory(
+            args.factors or [str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]
+        ),
         "throughput_ratio": ours.total_tokens_per_s / stock.total_tokens_per_s,
         "output_throughput_ratio": ours.output_tokens_per_s / stock.output_tokens_per_s,
         "failed_requests": ours.failed + stock.failed,
         "longrope_serve": asdict(ours),
         "stock_vllm": asdict(stock),
-        "workload": {"mix": [asdict(b) for b in args.mix], "requests_per_round": args.requests, "rounds": args.rounds,
-                     "concurrency": args.concurrency, "max_tokens": args.max_tokens, "seed": args.seed,
-                     "model": args.model, "max_model_len": args.max_model_len},
+        "workload": {
+            "mix": [asdict(b) for b in args.mix],
+            "requests_per_round": args.requests,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "seed": args.seed,
+            "model": args.model,
+            "max_model_len": args.max_model_len,
+        },
     }
     print_table(report)
     if args.json:
@@ -290,7 +361,11 @@ def table_memory(paths: list[str]) -> dict[str, dict[str, float]]:
         p = Path(raw)
         for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
             for fs in load_any(f):
-                out[fs.name] = {"window": fs.max_len, "mib_fp32": fs.table_bytes(4) / 2**20, "mib_bf16": fs.table_bytes(2) / 2**20}
+                out[fs.name] = {
+                    "window": fs.max_len,
+                    "mib_fp32": fs.table_bytes(4) / 2**20,
+                    "mib_bf16": fs.table_bytes(2) / 2**20,
+                }
     return out
 
 
@@ -301,8 +376,18 @@ def print_table(report: dict[str, Any]) -> None:
     def f(v: Any) -> str:
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
-    for key in ("requests", "failed", "wall_s", "requests_per_s", "total_tokens_per_s", "output_tokens_per_s",
-                "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s"):
+    for key in (
+        "requests",
+        "failed",
+        "wall_s",
+        "requests_per_s",
+        "total_tokens_per_s",
+        "output_tokens_per_s",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "latency_p50_s",
+        "latency_p99_s",
+    ):
         rows.append((key, f(a[key]), f(b[key])))
     rows.append(("per_set", json.dumps(a["per_set"]), json.dumps(b["per_set"])))
     width = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -23,43 +23,49 @@ from typing import Any
 
 from factors.schema import FactorSetError
 
+from .admin import install_admin
 from .engine import ASSIGNMENT_KEY, EngineSettings, LongRopeEngine
-from .policy import RequestTooLong
+from .policy import Assignment, RequestTooLong
+from .settings import ServerSettings
 
 logger = logging.getLogger("longrope.app")
 
 HEADER = "x-longrope-factor-set"
 DEFAULT_SETS_DIR = Path(__file__).parent / "default_sets"
 
-# Labels of the sets admitted while handling the current HTTP request (a mutable holder, so the value
-# set by the middleware is shared with the handler however the context is copied).
-_admitted: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("longrope_admitted", default=None)
+# The admissions made while handling the current HTTP request (a mutable holder, so what the handler
+# adds is seen by the middleware however the context is copied).
+_admitted: contextvars.ContextVar[list[Assignment] | None] = contextvars.ContextVar("longrope_admitted", default=None)
 
 
 class FactorSetHeaderMiddleware:
-    """Pure ASGI middleware: adds the factor-set header to every response of an admitted request."""
+    """Pure ASGI middleware: adds the factor-set header to every response of an admitted request, and
+    ends admissions whose request never reached the engine (e.g. refused by a later validation)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, engine: LongRopeEngine) -> None:
         self.app = app
+        self.engine = engine
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        holder: list[str] = []
+        holder: list[Assignment] = []
         token = _admitted.set(holder)
 
         async def send_with_header(message: dict) -> None:
             if message["type"] == "http.response.start" and holder:
-                headers = list(message.get("headers", []))
-                headers.append((HEADER.encode(), ",".join(dict.fromkeys(holder)).encode()))
-                message = {**message, "headers": headers}
+                labels = ",".join(dict.fromkeys(a.key for a in holder))
+                message = {**message, "headers": [*message.get("headers", []), (HEADER.encode(), labels.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_header)
         finally:
             _admitted.reset(token)
+            for assignment in holder:
+                if not assignment.started:
+                    await self.engine.end_admission(assignment)
 
 
 def _admit_inputs(engine: LongRopeEngine, serving: Any, engine_inputs: list[Any], requested: int | None) -> Any:
@@ -72,13 +78,13 @@ def _admit_inputs(engine: LongRopeEngine, serving: Any, engine_inputs: list[Any]
                 ei[ASSIGNMENT_KEY] = assignment
                 admitted.append(assignment)
     except (RequestTooLong, ValueError) as err:
-        for assignment in admitted:  # undo the counts of the prompts admitted before the failure
-            engine.in_flight[assignment.key] -= 1
-            engine.served[assignment.key] -= 1
+        holder = _admitted.get()
+        if holder is not None:  # the middleware ends the admissions made before the failure
+            holder.extend(admitted)
         return serving.create_error_response(str(err), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
     holder = _admitted.get()
     if holder is not None:
-        holder.extend(a.key for a in admitted)
+        holder.extend(admitted)
     return None
 
 
@@ -114,16 +120,16 @@ def install_admission(engine: LongRopeEngine, state: Any) -> None:
         chat.render_chat_request = render_chat_request
 
 
-def _add_outer_middleware(app: Any, cls: type) -> None:
+def _add_outer_middleware(app: Any, cls: type, **options: Any) -> None:
     """Add an ASGI middleware to vLLM's app. ``build_app`` already built Starlette's middleware stack
     (so ``add_middleware`` refuses); register ours and let Starlette rebuild the stack on first use."""
     from starlette.middleware import Middleware
 
-    app.user_middleware.insert(0, Middleware(cls))
+    app.user_middleware.insert(0, Middleware(cls, **options))
     app.middleware_stack = None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -133,39 +139,47 @@ def build_parser() -> argparse.ArgumentParser:
             "OpenAI-compatible server (vLLM 0.32) whose requests each get their own LongRoPE factor set: the "
             "smallest set whose window holds prompt + max_tokens (or + --default-reserve when max_tokens is "
             "not given). Without --model it serves the embedded SmolLM2-135M-Instruct with its short (8k) and "
-            "long (32k) sets. Every vLLM engine/server option below is passed through."
+            "long (32k) sets. Every longrope option can also be set by environment (LONGROPE_<OPTION>); every "
+            "vLLM engine/server option below is passed through."
         ),
     )
     group = parser.add_argument_group("longrope")
     group.add_argument(
         "--factors",
         nargs="*",
-        default=_env_list("LONGROPE_FACTORS"),
+        default=settings.factors,
         metavar="FILE_OR_DIR",
-        help="factor set files (JSON, HF config) or folders of *.json loaded at start [env LONGROPE_FACTORS]",
+        help="factor set files (JSON, HF config) or folders of *.json loaded at start [LONGROPE_FACTORS, JSON list]",
+    )
+    group.add_argument(
+        "--registry",
+        default=settings.registry,
+        metavar="DIR",
+        help="folder where loaded sets persist and are restored at start [LONGROPE_REGISTRY]",
     )
     group.add_argument(
         "--default-reserve",
         type=int,
-        default=int(os.environ.get("LONGROPE_DEFAULT_RESERVE", 256)),
-        help="generation budget (tokens) assumed when a request gives no max_tokens [env LONGROPE_DEFAULT_RESERVE]",
+        default=settings.default_reserve,
+        help="generation budget (tokens) assumed when a request gives no max_tokens [LONGROPE_DEFAULT_RESERVE]",
     )
     group.add_argument(
         "--rope-table-rows",
         type=int,
-        default=None,
-        help="rows of the shared cos/sin table (default: twice the start-up sets' windows)",
+        default=settings.rope_table_rows,
+        help="rows of the shared cos/sin table (default: twice the start-up sets' windows) [LONGROPE_ROPE_TABLE_ROWS]",
+    )
+    group.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=settings.admin_token_file,
+        help="file with the admin API's bearer token; or set LONGROPE_ADMIN_TOKEN; without either the admin API is off",
     )
     make_arg_parser(parser)
     return parser
 
 
-def _env_list(name: str) -> list[str]:
-    raw = os.environ.get(name, "")
-    return [p for p in raw.split(os.pathsep) if p]
-
-
-async def serve(args: argparse.Namespace, model_given: bool) -> None:
+async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | None) -> None:
     from dataclasses import fields
 
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -187,6 +201,7 @@ async def serve(args: argparse.Namespace, model_given: bool) -> None:
         factor_paths=factor_paths,
         default_reserve=args.default_reserve,
         rope_table_rows=args.rope_table_rows,
+        registry_dir=args.registry,
         engine_kwargs=engine_kwargs,
     )
     engine = await LongRopeEngine.start(settings)
@@ -197,7 +212,10 @@ async def serve(args: argparse.Namespace, model_given: bool) -> None:
         app = build_app(args, supported_tasks, engine.model_config)
         await init_app_state(engine, app.state, args, supported_tasks)
         install_admission(engine, app.state)
-        _add_outer_middleware(app, FactorSetHeaderMiddleware)
+        install_admin(app, engine, admin_token)
+        if admin_token is None:
+            logger.warning("admin API is off (no LONGROPE_ADMIN_TOKEN / --admin-token-file)")
+        _add_outer_middleware(app, FactorSetHeaderMiddleware, engine=engine)
         logger.info("longrope-serve on %s; sets: %s", listen_address, engine.table.describe())
         shutdown_task = await serve_http(
             app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level
@@ -213,16 +231,29 @@ def main(argv: list[str] | None = None) -> int:
     # free; 4 GiB holds 32k tokens of the default model in fp32 many times over. Only the CPU build reads it.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    model_given = any(a == "--model" or a.startswith("--model=") for a in argv) or bool(
-        os.environ.get("LONGROPE_MODEL")
-    )
-    if os.environ.get("LONGROPE_MODEL") and not any(a.startswith("--model") for a in argv):
-        args.model = os.environ["LONGROPE_MODEL"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args, model_given))
+        settings = ServerSettings()
+    except ValueError as err:
+        print(f"error: bad LONGROPE_* environment: {err}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
+    model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
+    if not model_given and settings.model:
+        args.model, model_given = settings.model, True
+    if settings.served_model_name and not args.served_model_name:
+        args.served_model_name = [settings.served_model_name]
+    if settings.host and "--host" not in argv:
+        args.host = settings.host
+    if settings.port and "--port" not in argv:
+        args.port = settings.port
+    try:
+        admin_token = settings.model_copy(update={"admin_token_file": args.admin_token_file}).resolved_admin_token()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(args, model_given, admin_token))
     except (FactorSetError, RequestTooLong) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

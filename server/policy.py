@@ -15,13 +15,16 @@ class RequestTooLong(ValueError):
     """No loaded set's window can hold the request."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Assignment:
-    """The set a request runs on, for its whole life, and its generation cap."""
+    """The set a request runs on, for its whole life, and its generation cap. ``started``/``ended``
+    track the admission so the engine counts it on its version exactly once."""
 
     set: FactorSet
     max_tokens: int
     prompt_tokens: int
+    started: bool = False
+    ended: bool = False
 
     @property
     def key(self) -> str:

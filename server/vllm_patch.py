@@ -132,7 +132,8 @@ class LongRopeState:
     # set management (called between steps, from collective_rpc or at load)
     def load(self, fs: FactorSet) -> dict[str, Any]:
         key = fs.label
-        if key in self.slots:
+        if key in self.slots:  # e.g. a rollback to a version still draining: keep its rows
+            self.retiring.discard(key)
             return {"key": key, "start": self.slots[key].start, "loaded": False}
         rotary_dim = self.rotaries[0].rotary_dim
         if fs.rotary_dim != rotary_dim:

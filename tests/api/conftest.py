@@ -1,1 +1,100 @@
-from engine.conftest import set_files, tiny_llama  # noqa: F401  (session fixtures shared with engine tests)
+"""A real longrope-serve process (tiny model, real vLLM CPU engine) for the API tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    base: str
+    proc: subprocess.Popen
+    log: Path
+    registry: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()  # SIGTERM: vLLM's launcher drains and stops the engine core and workers
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"server did not stop on SIGTERM:\n{self.log.read_text()[-4000:]}") from None
+
+
+def start_server(
+    model: Path, sets: Path, workdir: Path, registry: Path | None = None, admin: bool = True
+) -> RunningServer:
+    port = _free_port()
+    registry = registry or workdir / "registry"
+    log = workdir / f"server-{port}.log"
+    cmd = [
+        str(Path(sys.executable).parent / "longrope-serve"),
+        "--model",
+        str(model),
+        "--served-model-name",
+        "tiny",
+        "--factors",
+        str(sets),
+        "--registry",
+        str(registry),
+        "--default-reserve",
+        "16",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "8",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("LONGROPE_ADMIN_TOKEN", None)
+    if admin:
+        env["LONGROPE_ADMIN_TOKEN"] = ADMIN_TOKEN
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return RunningServer(base, proc, log, registry)
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server did not become healthy:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def running(tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    srv = start_server(tiny_llama, set_files, tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(running: RunningServer) -> str:
+    return running.base

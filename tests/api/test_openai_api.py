@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,63 +11,7 @@ import pytest
 pytestmark = pytest.mark.engine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        str(Path(sys.executable).parent / "longrope-serve"),
-        "--model",
-        str(tiny_llama),
-        "--served-model-name",
-        "tiny",
-        "--factors",
-        str(set_files),
-        "--default-reserve",
-        "16",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-num-seqs",
-        "8",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not become healthy:\n{log.read_text()[-4000:]}")
-    yield base
-    proc.terminate()  # SIGTERM: vLLM's launcher drains and stops the engine core and workers
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"server did not stop on SIGTERM:\n{log.read_text()[-4000:]}") from None
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 
@@ -138,3 +75,15 @@ def test_prompt_logprobs_extra_field_still_works(server: str) -> None:
     r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.headers["x-longrope-factor-set"] == "original@1"
     assert len(r.json()["choices"][0]["prompt_logprobs"]) == 30
+
+
+def test_models_lists_the_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_streaming_has_header(client: openai.OpenAI) -> None:
+    with client.chat.completions.with_streaming_response.create(
+        model="tiny", messages=[{"role": "user", "content": "stream please"}], max_tokens=4, temperature=0, stream=True
+    ) as response:
+        assert response.headers["x-longrope-factor-set"] == "original@1"
+        assert any(line.startswith("data: ") for line in response.iter_lines())

@@ -1,0 +1,234 @@
+"""Admin API: list, load (hot), roll back and retire factor sets. Bearer-token protected; off without a token.
+
+    GET    /admin/factors                    live sets with version, window, λ summary, n̂, mscale, provenance, traffic
+    POST   /admin/factors                    load: a factor-set JSON, an HF config with a longrope block, or a
+                                             multipart LongRoPE CSV (file) with name, max_len[, n_hat, mscale]
+    POST   /admin/factors/{name}/rollback    make the previous version live again
+    DELETE /admin/factors/{name}             retire a set (not the only one reaching its window)
+
+Every error is OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
+from factors.schema import FactorSet, FactorSetError, parse_factor_set
+
+from .engine import LongRopeEngine
+
+logger = logging.getLogger("longrope.admin")
+
+
+class AdminError(Exception):
+    def __init__(
+        self, status: int, message: str, err_type: str = "invalid_request_error", param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.err_type, self.param = status, message, err_type, param
+
+
+def openai_error(
+    status: int, message: str, err_type: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
+    lam = fs.factors
+    return {
+        "name": fs.name,
+        "version": fs.version,
+        "label": fs.label,
+        "max_len": fs.max_len,
+        "original_max_len": fs.original_max_len,
+        "rotary_dim": fs.rotary_dim,
+        "n_hat": fs.n_hat,
+        "mscale": fs.resolved_mscale,
+        "factors": {"count": len(lam), "min": min(lam), "max": max(lam), "first": lam[0], "last": lam[-1]},
+        "versions": sorted(engine.history.get(fs.name, {})),
+        "requests_served": engine.served.get(fs.label, 0),
+        "in_flight": engine.in_flight.get(fs.label, 0),
+        "provenance": fs.provenance.model_dump(mode="json"),
+    }
+
+
+def build_admin_router(engine: LongRopeEngine, token: str | None) -> APIRouter:
+    """The /admin routes. ``token`` None: every admin route answers 404 (the API is off, never open)."""
+    router = APIRouter(prefix="/admin", tags=["admin"])
+
+    async def require_admin(request: Request) -> None:
+        if token is None:
+            raise AdminError(
+                404,
+                "the admin API is off: start the server with LONGROPE_ADMIN_TOKEN or --admin-token-file",
+                "not_found",
+            )
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+        if not ok:
+            raise AdminError(
+                401, "missing or wrong admin token: send 'Authorization: Bearer <token>'", "authentication_error"
+            )
+
+    @router.get("/factors", dependencies=[Depends(require_admin)])
+    async def list_sets() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [set_summary(engine, fs) for fs in engine.table.sets],
+            "max_model_len": engine.max_model_len,
+        }
+
+    @router.post("/factors", status_code=201, dependencies=[Depends(require_admin)])
+    async def load_sets(request: Request) -> dict[str, Any]:
+        sets = await _sets_from_request(engine, request)
+        for fs in sets:  # validate every set before loading any
+            _checked(engine.validate_new_set, fs)
+        loaded = []
+        for fs in sets:
+            loaded.append(await _checked_async(engine.load_set, fs))
+        return {"object": "list", "data": [set_summary(engine, fs) for fs in loaded]}
+
+    @router.post("/factors/{name}/rollback", dependencies=[Depends(require_admin)])
+    async def rollback(name: str) -> dict[str, Any]:
+        fs = await _checked_async(engine.rollback_set, name, missing_is_404=True)
+        return set_summary(engine, fs)
+
+    @router.delete("/factors/{name}", dependencies=[Depends(require_admin)])
+    async def retire(name: str) -> dict[str, Any]:
+        fs = await _checked_async(engine.retire_set, name, missing_is_404=True)
+        return {"retired": fs.label}
+
+    return router
+
+
+def _checked(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except FactorSetError as err:
+        raise AdminError(400, str(err), "invalid_factor_set") from None
+
+
+async def _checked_async(fn: Any, *args: Any, missing_is_404: bool = False) -> Any:
+    try:
+        return await fn(*args)
+    except FactorSetError as err:
+        status = 404 if missing_is_404 and str(err).startswith("no live set named") else 400
+        raise AdminError(status, str(err), "invalid_factor_set" if status == 400 else "not_found") from None
+    except MemoryError as err:
+        raise AdminError(507, str(err), "insufficient_storage") from None
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BYTES:
+        raise AdminError(413, f"body of {declared} bytes is larger than the {MAX_FILE_BYTES} byte limit", param="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_FILE_BYTES:
+            raise AdminError(413, f"body is larger than the {MAX_FILE_BYTES} byte limit", param="body")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise AdminError(
+            400, "empty body: send a factor-set JSON object, an HF config, or a multipart CSV upload", param="body"
+        )
+    return body
+
+
+async def _sets_from_request(engine: LongRopeEngine, request: Request) -> list[FactorSet]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    monotone = request.query_params.get("monotone", "warn")
+    if monotone not in ("warn", "reject", "ignore"):
+        raise AdminError(400, f"monotone must be warn, reject or ignore, got {monotone!r}", param="monotone")
+    if ctype == "multipart/form-data":
+        return [await _csv_set(engine, request, monotone)]
+    body = await _read_body(request)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdminError(400, f"body is not valid JSON: {err}", param="body") from None
+    try:
+        if isinstance(data, dict) and ("rope_parameters" in data or "rope_scaling" in data):
+            names = (request.query_params.get("short_name", "short"), request.query_params.get("long_name", "long"))
+            return list(
+                sets_from_hf_config(
+                    data, short_name=names[0], long_name=names[1], monotone=monotone, source="admin upload"
+                )
+            )
+        return [parse_factor_set(data, monotone=monotone)]
+    except FactorSetError as err:
+        raise AdminError(400, str(err), "invalid_factor_set") from None
+
+
+async def _csv_set(engine: LongRopeEngine, request: Request, monotone: str) -> FactorSet:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BYTES:
+        raise AdminError(
+            413, f"upload of {declared} bytes is larger than the {MAX_FILE_BYTES} byte limit", param="file"
+        )
+    form = await request.form()
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise AdminError(400, "multipart upload needs a 'file' part with the LongRoPE CSV", param="file")
+    raw = await upload.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdminError(400, "the CSV is not UTF-8 text", param="file") from None
+
+    def int_field(key: str, default: int | None = None) -> int | None:
+        value = form.get(key)
+        if value is None or value == "":
+            if default is None:
+                raise AdminError(400, f"field {key} is required with a CSV upload", param=key)
+            return default
+        try:
+            return int(str(value))
+        except ValueError:
+            raise AdminError(400, f"field {key} must be an integer, got {value!r}", param=key) from None
+
+    name = str(form.get("name") or "")
+    if not name:
+        raise AdminError(400, "field name is required with a CSV upload", param="name")
+    mscale_raw = form.get("mscale")
+    try:
+        mscale = float(str(mscale_raw)) if mscale_raw not in (None, "") else None
+    except ValueError:
+        raise AdminError(400, f"field mscale must be a number, got {mscale_raw!r}", param="mscale") from None
+    try:
+        return csv_factor_set(
+            text,
+            name=name,
+            geometry=engine.model_rope.geometry,
+            max_len=int_field("max_len") or 0,
+            n_hat=int_field("n_hat", 0) or 0,
+            mscale=mscale,
+            monotone=monotone,
+            source=getattr(upload, "filename", None) or "upload",
+        )
+    except FactorSetError as err:
+        raise AdminError(400, str(err), "invalid_factor_set") from None
+
+
+def install_admin(app: Any, engine: LongRopeEngine, token: str | None) -> None:
+    """Mount the admin routes and their OpenAI-shaped error handler on vLLM's app."""
+
+    async def handle(request: Request, exc: AdminError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status >= 400 and exc.status != 404:
+            logger.warning("admin %s %s refused (%d): %s", request.method, request.url.path, exc.status, exc.message)
+        return openai_error(exc.status, exc.message, exc.err_type, exc.param, headers)
+
+    app.add_exception_handler(AdminError, handle)
+    app.include_router(build_admin_router(engine, token))

@@ -1,0 +1,46 @@
+"""Prometheus metrics of longrope-serve, registered in prometheus-client's default registry so they are
+served on vLLM's own ``/metrics`` next to the engine metrics (``vllm:*``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Token-count buckets from 16 to 2M (powers of two): context lengths span 5 orders of magnitude.
+TOKEN_BUCKETS = tuple(float(2**k) for k in range(4, 22))
+
+PROMPT_TOKENS = Histogram(
+    "longrope_prompt_tokens",
+    "Prompt length of admitted requests, by factor set",
+    ["factor_set", "version"],
+    buckets=TOKEN_BUCKETS,
+)
+CONTEXT_TOKENS = Histogram(
+    "longrope_context_tokens",
+    "Total context (prompt + generated) of finished requests, by factor set",
+    ["factor_set", "version"],
+    buckets=TOKEN_BUCKETS,
+)
+REQUESTS = Counter(
+    "longrope_requests",
+    "Requests by factor set and outcome (finished, aborted, error)",
+    ["factor_set", "version", "outcome"],
+)
+REJECTIONS = Counter("longrope_rejections", "Requests refused at admission, by reason", ["reason"])
+LOADED_SETS = Gauge(
+    "longrope_factor_set_loaded",
+    "1 for each live factor set version (labels carry version and window)",
+    ["factor_set", "version", "window"],
+)
+HOT_LOADS = Counter("longrope_hot_loads", "Admin set changes by action and result", ["action", "result"])
+HOT_LOAD_SECONDS = Histogram(
+    "longrope_hot_load_seconds",
+    "Time from admin call to the new table being live",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+
+def publish_live_sets(sets: list) -> None:
+    """Make the loaded-sets gauge show exactly the given sets."""
+    LOADED_SETS.clear()
+    for fs in sets:
+        LOADED_SETS.labels(fs.name, str(fs.version), str(fs.max_len)).set(1)
