@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -10,6 +11,12 @@ from typing import Any
 import torch
 
 ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 8, "enable_prefix_caching": True}
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    """A deterministic prompt of exactly n random token ids."""
+    rng = random.Random(seed)
+    return [rng.randrange(100, 40000) for _ in range(n)]
 
 
 class LoopThread:

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import httpx
 import pytest
 from api.conftest import ADMIN_TOKEN, RunningServer, start_server
+from engine_harness import ids_of
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.engine
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def ids_of(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(n)]
 
 
 def served_by(base: str, length: int, max_tokens: int = 8) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import httpx
 import openai
 import pytest
+from engine_harness import ids_of
 
 pytestmark = pytest.mark.engine
 
@@ -14,11 +13,6 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="session")
 def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-
-
-def ids_of(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(n)]
 
 
 @pytest.mark.parametrize("length,max_tokens,expected", [(100, 8, "original@1"), (400, 8, "mid@1"), (1500, 8, "nhat@1")])

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
-from engine_harness import TorchReference, collect, max_logprob_error, prompt_logprob_list
+from engine_harness import TorchReference, collect, ids_of, max_logprob_error, prompt_logprob_list
 
 from factors import FactorSet, FactorSetError
 from server.policy import RequestTooLong
@@ -15,11 +14,6 @@ from server.policy import RequestTooLong
 pytestmark = pytest.mark.engine
 
 GREEDY_TOKENS = 8
-
-
-def ids_of(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

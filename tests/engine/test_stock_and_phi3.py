@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from engine_harness import ENGINE_KWARGS, collect, max_logprob_error, prompt_logprob_list
+from engine_harness import ENGINE_KWARGS, collect, ids_of, max_logprob_error, prompt_logprob_list
 from tiny_models import make_tiny_phi3
 
 pytestmark = pytest.mark.engine
-
-
-def ids_of(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
