@@ -187,8 +187,13 @@ async def _csv_set(engine: LongRopeEngine, request: Request, monotone: str) -> F
     except UnicodeDecodeError:
         raise AdminError(400, "the CSV is not UTF-8 text", param="file") from None
 
-    def int_field(key: str, default: int | None = None) -> int | None:
+    def field(key: str) -> Any:
+        """A form field, or the query parameter of that name."""
         value = form.get(key)
+        return value if value not in (None, "") else request.query_params.get(key)
+
+    def int_field(key: str, default: int | None = None) -> int | None:
+        value = field(key)
         if value is None or value == "":
             if default is None:
                 raise AdminError(400, f"field {key} is required with a CSV upload", param=key)
@@ -198,10 +203,10 @@ async def _csv_set(engine: LongRopeEngine, request: Request, monotone: str) -> F
         except ValueError:
             raise AdminError(400, f"field {key} must be an integer, got {value!r}", param=key) from None
 
-    name = str(form.get("name") or "")
+    name = str(field("name") or "")
     if not name:
         raise AdminError(400, "field name is required with a CSV upload", param="name")
-    mscale_raw = form.get("mscale")
+    mscale_raw = field("mscale")
     try:
         mscale = float(str(mscale_raw)) if mscale_raw not in (None, "") else None
     except ValueError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import json
 import logging
 import os
 import sys
@@ -38,9 +39,37 @@ DEFAULT_SETS_DIR = Path(__file__).parent / "default_sets"
 _admitted: contextvars.ContextVar[list[Assignment] | None] = contextvars.ContextVar("longrope_admitted", default=None)
 
 
+BODY_FIELD = "longrope_factor_set"
+
+
+def _with_field(data: bytes, label: str) -> bytes | None:
+    """The JSON object ``data`` with the factor-set field added (None when it is not a JSON object)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or "error" in obj:
+        return None
+    obj[BODY_FIELD] = label
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _sse_with_field(chunk: bytes, label: str) -> bytes:
+    """Add the field to every ``data: {...}`` event of a server-sent-events chunk."""
+    lines = chunk.split(b"\n")
+    for i, line in enumerate(lines):
+        if line.startswith(b"data: {"):
+            updated = _with_field(line[6:], label)
+            if updated is not None:
+                lines[i] = b"data: " + updated
+    return b"\n".join(lines)
+
+
 class FactorSetHeaderMiddleware:
-    """Pure ASGI middleware: adds the factor-set header to every response of an admitted request, and
-    ends admissions whose request never reached the engine (e.g. refused by a later validation)."""
+    """Pure ASGI middleware: every response of an admitted request says which set served it — the
+    ``x-longrope-factor-set`` header, and a ``longrope_factor_set`` field in the JSON body or in every
+    streamed chunk (OpenAI clients ignore unknown fields). It also ends admissions whose request never
+    reached the engine (e.g. refused by a later validation)."""
 
     def __init__(self, app: Any, engine: LongRopeEngine) -> None:
         self.app = app
@@ -52,15 +81,42 @@ class FactorSetHeaderMiddleware:
             return
         holder: list[Assignment] = []
         token = _admitted.set(holder)
+        state: dict[str, Any] = {"start": None, "mode": "pass", "body": []}
 
-        async def send_with_header(message: dict) -> None:
-            if message["type"] == "http.response.start" and holder:
-                labels = ",".join(dict.fromkeys(a.key for a in holder))
-                message = {**message, "headers": [*message.get("headers", []), (HEADER.encode(), labels.encode())]}
-            await send(message)
+        async def send_annotated(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                if not holder:
+                    await send(message)
+                    return
+                label = ",".join(dict.fromkeys(a.key for a in holder))
+                headers = [*message.get("headers", []), (HEADER.encode(), label.encode())]
+                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                state["label"] = label
+                if ctype.startswith(b"application/json"):
+                    state["start"], state["mode"] = {**message, "headers": headers}, "json"  # sent with the body
+                    return
+                state["mode"] = "sse" if ctype.startswith(b"text/event-stream") else "pass"
+                await send({**message, "headers": headers})
+                return
+            if message["type"] != "http.response.body" or state["mode"] == "pass":
+                await send(message)
+                return
+            if state["mode"] == "sse":
+                await send({**message, "body": _sse_with_field(message.get("body", b""), state["label"])})
+                return
+            state["body"].append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(state["body"])
+            body = _with_field(body, state["label"]) or body
+            start = state["start"]
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
         try:
-            await self.app(scope, receive, send_with_header)
+            await self.app(scope, receive, send_annotated)
         finally:
             _admitted.reset(token)
             for assignment in holder:

@@ -178,10 +178,12 @@ def test_csv_upload_and_retire(running: RunningServer) -> None:
     assert served_by(base, 270, 8) == "csvset@1"
     r = httpx.post(f"{base}/admin/factors", files=files, data={"max_len": "300"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and "field name is required" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/admin/factors?name=csvset&max_len=300", files=files, headers=AUTH, timeout=30)
+    assert r.status_code == 201 and r.json()["data"][0]["label"] == "csvset@2"  # fields as query parameters
     r = httpx.delete(f"{base}/admin/factors/csvset", headers=AUTH, timeout=30)
-    assert r.status_code == 200 and r.json()["retired"] == "csvset@1"
-    assert "csvset@1" not in live(base)
-    assert served_by(base, 270, 8) != "csvset@1"
+    assert r.status_code == 200 and r.json()["retired"] == "csvset@2"
+    assert not any(label.startswith("csvset@") for label in live(base))
+    assert not served_by(base, 270, 8).startswith("csvset@")
 
 
 def test_restart_restores_registry(running: RunningServer, tiny_llama: Path, set_files: Path, tmp_path: Path) -> None:

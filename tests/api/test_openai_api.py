@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -22,6 +24,7 @@ def test_completion_reports_its_set(client: openai.OpenAI, length: int, max_toke
     )
     assert raw.headers["x-longrope-factor-set"] == expected
     completion = raw.parse()
+    assert completion.model_extra["longrope_factor_set"] == expected  # the same in the JSON body
     assert completion.usage.prompt_tokens == length and completion.usage.completion_tokens == max_tokens
 
 
@@ -41,6 +44,7 @@ def test_streaming_has_header(client: openai.OpenAI) -> None:
         assert response.headers["x-longrope-factor-set"] == "mid@1"
         chunks = [line for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     assert len(chunks) >= 6
+    assert all(json.loads(c[6:])["longrope_factor_set"] == "mid@1" for c in chunks)
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -49,6 +53,7 @@ def test_chat_completion(client: openai.OpenAI) -> None:
     )
     assert raw.headers["x-longrope-factor-set"] == "original@1"
     assert raw.parse().usage.completion_tokens == 5
+    assert raw.parse().model_extra["longrope_factor_set"] == "original@1"
 
 
 def test_too_long_is_an_openai_400(client: openai.OpenAI) -> None:
