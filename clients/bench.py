@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from typing import Any
 import httpx
 
 HEADER = "x-longrope-factor-set"
+DEFAULT_SETS = Path(__file__).resolve().parent.parent / "server" / "default_sets"
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ async def run_job(client: httpx.AsyncClient, url: str, model: str, job: Job) -> 
 
 
 async def run_round(
-    url: str, model: str, jobs: list[Job], concurrency: int, timeout: float
+    url: str, model: str, jobs: list[Job], concurrency: int, timeout: float, hot_load: HotLoad | None = None
 ) -> tuple[list[Result], float]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=timeout) as client:
@@ -125,8 +127,49 @@ async def run_round(
                 return await run_job(client, url, model, job)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(j) for j in jobs))
-        return list(results), time.perf_counter() - t0
+        tasks = [one(j) for j in jobs]
+        if hot_load is not None:
+            tasks.append(hot_load.run(client, url, model))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        return [r for r in results if isinstance(r, Result)], wall
+
+
+@dataclass
+class HotLoad:
+    """Load a new version of a set in the middle of a round and time it: from the admin call to the
+    response headers of the first request admitted on the new version (a streamed probe, sent
+    repeatedly), while the round's traffic keeps running."""
+
+    token: str
+    set_json: dict[str, Any]
+    delay_s: float = 5.0
+    admin_call_s: float | None = None
+    latency_s: float | None = None
+    new_label: str | None = None
+    probes: int = 0
+    error: str | None = None
+
+    async def run(self, client: httpx.AsyncClient, url: str, model: str) -> None:
+        await asyncio.sleep(self.delay_s)
+        auth = {"Authorization": f"Bearer {self.token}"}
+        t0 = time.perf_counter()
+        resp = await client.post(f"{url}/admin/factors", json=self.set_json, headers=auth)
+        self.admin_call_s = time.perf_counter() - t0
+        if resp.status_code != 201:
+            self.error = f"admin load failed: HTTP {resp.status_code} {resp.text[:300]}"
+            return
+        self.new_label = resp.json()["data"][0]["label"]
+        body = {"model": model, "prompt": [101] * 8, "max_tokens": 1, "stream": True}
+        while time.perf_counter() - t0 < 120:
+            self.probes += 1
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as probe:
+                if probe.headers.get(HEADER) == self.new_label:
+                    self.latency_s = time.perf_counter() - t0
+                    await probe.aread()
+                    return
+                await probe.aread()
+        self.error = f"no request was served on {self.new_label} within 120 s"
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -239,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", type=Path, default=Path("out/bench"))
     p.add_argument("--json", type=Path, help="write the full report as JSON")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("out/bench/latency-by-length.png"),
+        help="PNG of latency by prompt length per set",
+    )
+    p.add_argument("--no-hot-load", action="store_true", help="skip the hot-load timing in the last round")
+    p.add_argument(
+        "--hot-load-set", help="factor file to re-load during the last round (default: the smallest-window set)"
+    )
+    p.add_argument("--hot-load-delay", type=float, default=5.0, help="seconds into the last round before the hot-load")
     args = p.parse_args(argv)
 
     bindir = Path(sys.executable).parent
@@ -248,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.model = out.stdout.strip().splitlines()[-1]
     args.log_dir.mkdir(parents=True, exist_ok=True)
+    token = os.environ.get("LONGROPE_ADMIN_TOKEN") or secrets.token_hex(16)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+    factor_paths = args.factors or [str(DEFAULT_SETS)]
+    hot_load = None
+    if not args.no_hot_load and (args.ours_url is None or os.environ.get("LONGROPE_ADMIN_TOKEN")):
+        hot_load = HotLoad(token, hot_load_body(args.hot_load_set, factor_paths), delay_s=args.hot_load_delay)
     common = [
         "--served-model-name",
         args.served_model_name,
@@ -263,13 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         if ours_url is None:
             port = _free_port()
             cmd = [str(bindir / "longrope-serve"), "--model", args.model, "--port", str(port), *common]
-            if args.factors:
-                cmd += ["--factors", *args.factors]
-            elif Path(args.model).name == "smollm2-135m-instruct":
-                cmd += ["--factors", str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]
+            cmd += ["--factors", *factor_paths]
             procs.append(
                 (
-                    start_server(cmd, args.log_dir / "longrope-serve.log", env),
+                    start_server(cmd, args.log_dir / "longrope-serve.log", {**env, "LONGROPE_ADMIN_TOKEN": token}),
                     f"http://127.0.0.1:{port}",
                     args.log_dir / "longrope-serve.log",
                 )
@@ -313,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             # across rounds; the order alternates so neither server always goes first
             jobs = make_workload(args.mix, args.requests, args.max_tokens, args.seed + r, (100, 40000))
             for label, url, bucket in servers if r % 2 == 0 else servers[::-1]:
+                hl = hot_load if (url == ours_url and r == args.rounds - 1) else None
                 results, wall = asyncio.run(
-                    run_round(url, args.served_model_name, jobs, args.concurrency, args.timeout)
+                    run_round(url, args.served_model_name, jobs, args.concurrency, args.timeout, hl)
                 )
                 bucket.append((results, wall))
                 print(
@@ -326,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         for proc, _, _ in procs:
             stop_server(proc)
     report = {
-        "table_memory": table_memory(
-            args.factors or [str(Path(__file__).resolve().parent.parent / "server" / "default_sets")]
-        ),
+        "hot_load_latency_s": hot_load.latency_s if hot_load else None,
+        "hot_load": asdict(hot_load) | {"token": "***", "set_json": None} if hot_load else None,
+        "table_memory": table_memory(factor_paths),
         "throughput_ratio": ours.total_tokens_per_s / stock.total_tokens_per_s,
         "output_throughput_ratio": ours.output_tokens_per_s / stock.output_tokens_per_s,
         "failed_requests": ours.failed + stock.failed,
@@ -346,10 +403,76 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     print_table(report)
+    if hot_load is not None:
+        print(
+            f"hot-load of {hot_load.new_label} under load: {hot_load.latency_s} s to the first request served on it"
+            f" (admin call {hot_load.admin_call_s} s, {hot_load.probes} probe(s))"
+            + (f"; {hot_load.error}" if hot_load.error else "")
+        )
+    if args.plot:
+        plot_latency(ours_rounds, stock_rounds, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if report["failed_requests"] == 0 else 1
+    ok = report["failed_requests"] == 0 and (hot_load is None or hot_load.error is None)
+    return 0 if ok else 1
+
+
+def hot_load_body(path: str | None, factor_paths: list[str]) -> dict[str, Any]:
+    """The set to re-load during the run (default: the smallest-window set served), without its version,
+    so the server makes it the next version of that name."""
+    from factors.formats import load_any
+
+    if path is None:
+        candidates = [
+            fs
+            for raw in factor_paths
+            for f in (sorted(Path(raw).glob("*.json")) if Path(raw).is_dir() else [Path(raw)])
+            for fs in load_any(f)
+        ]
+        fs = min(candidates, key=lambda c: c.max_len)
+    else:
+        fs = load_any(path)[0]
+    body = fs.model_dump(mode="json", exclude_none=True)
+    body.pop("version", None)
+    body["provenance"] = {**body.get("provenance", {}), "notes": "re-loaded by the benchmark to time a hot-load"}
+    return body
+
+
+def plot_latency(ours: list[tuple[list[Result], float]], stock: list[tuple[list[Result], float]], path: Path) -> None:
+    """PNG: request latency against prompt length, longrope-serve coloured by factor set, stock in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    stock_ok = [r for rs, _ in stock for r in rs if r.error is None]
+    ax.scatter(
+        [r.prompt_tokens for r in stock_ok],
+        [r.latency for r in stock_ok],
+        marker="x",
+        color="grey",
+        label="stock vLLM",
+        alpha=0.6,
+    )
+    by_set: dict[str, list[Result]] = {}
+    for rs, _ in ours:
+        for r in rs:
+            if r.error is None:
+                by_set.setdefault(r.factor_set or "-", []).append(r)
+    for label, rs in sorted(by_set.items()):
+        ax.scatter([r.prompt_tokens for r in rs], [r.latency for r in rs], label=f"longrope-serve {label}", alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("request latency (s)")
+    ax.set_title("Latency by prompt length and factor set")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def table_memory(paths: list[str]) -> dict[str, dict[str, float]]:
