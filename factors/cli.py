@@ -82,22 +82,8 @@ def _load(args: argparse.Namespace, path: str) -> list[FactorSet]:
 
 
 def _summary(fs: FactorSet) -> dict[str, Any]:
-    lam = fs.factors
-    return {
-        "name": fs.name,
-        "version": fs.version,
-        "max_len": fs.max_len,
-        "original_max_len": fs.original_max_len,
-        "scale": round(fs.scale, 6),
-        "rotary_dim": fs.rotary_dim,
-        "rope_theta": fs.rope_theta,
-        "n_hat": fs.n_hat,
-        "mscale": fs.resolved_mscale,
-        "factors": {"count": len(lam), "min": min(lam), "max": max(lam), "first": lam[0], "last": lam[-1]},
-        "monotone": fs.monotonicity_problem() is None,
-        "table_mib": {"float32": fs.table_bytes(4) / 2**20, "bfloat16": fs.table_bytes(2) / 2**20},
-        "provenance": fs.provenance.model_dump(mode="json"),
-    }
+    table = {"float32": fs.table_bytes(4) / 2**20, "bfloat16": fs.table_bytes(2) / 2**20}
+    return {**fs.summary(), "table_mib": table}
 
 
 def cmd_show(args: argparse.Namespace) -> int:

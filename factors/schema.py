@@ -183,6 +183,25 @@ class FactorSet(BaseModel):
         """NAME@VERSION as the server reports it (NAME when unversioned)."""
         return f"{self.name}@{self.version}" if self.version is not None else self.name
 
+    def summary(self) -> dict[str, Any]:
+        """What a person wants to see of a set: window, λ range, n̂, mscale, provenance (JSON-ready)."""
+        lam = self.factors
+        return {
+            "name": self.name,
+            "version": self.version,
+            "label": self.label,
+            "max_len": self.max_len,
+            "original_max_len": self.original_max_len,
+            "scale": round(self.scale, 6),
+            "rotary_dim": self.rotary_dim,
+            "rope_theta": self.rope_theta,
+            "n_hat": self.n_hat,
+            "mscale": self.resolved_mscale,
+            "factors": {"count": len(lam), "min": min(lam), "max": max(lam), "first": lam[0], "last": lam[-1]},
+            "monotone": self.monotonicity_problem() is None,
+            "provenance": self.provenance.model_dump(mode="json"),
+        }
+
     def table_bytes(self, dtype_bytes: int) -> int:
         """Memory of this set's cos/sin table in vLLM's layout: max_len × rotary_dim × dtype."""
         return self.max_len * self.rotary_dim * dtype_bytes

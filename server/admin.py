@@ -43,21 +43,11 @@ def openai_error(
 
 
 def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
-    lam = fs.factors
     return {
-        "name": fs.name,
-        "version": fs.version,
-        "label": fs.label,
-        "max_len": fs.max_len,
-        "original_max_len": fs.original_max_len,
-        "rotary_dim": fs.rotary_dim,
-        "n_hat": fs.n_hat,
-        "mscale": fs.resolved_mscale,
-        "factors": {"count": len(lam), "min": min(lam), "max": max(lam), "first": lam[0], "last": lam[-1]},
+        **fs.summary(),
         "versions": sorted(engine.history.get(fs.name, {})),
         "requests_served": engine.served.get(fs.label, 0),
         "in_flight": engine.in_flight.get(fs.label, 0),
-        "provenance": fs.provenance.model_dump(mode="json"),
     }
 
 

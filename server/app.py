@@ -144,36 +144,42 @@ def _admit_inputs(engine: LongRopeEngine, serving: Any, engine_inputs: list[Any]
     return None
 
 
+def _wrap_render(engine: LongRopeEngine, serving: Any, method: str, inputs_of: Any, requested_of: Any) -> None:
+    """Wrap one serving object's render method: after tokenisation, admit every prompt or return the 400."""
+    original = getattr(serving, method)
+
+    async def render(request: Any) -> Any:
+        result = await original(request)
+        engine_inputs = inputs_of(result)
+        if engine_inputs is not None:
+            error = _admit_inputs(engine, serving, engine_inputs, requested_of(request))
+            if error is not None:
+                return error
+        return result
+
+    setattr(serving, method, render)
+
+
 def install_admission(engine: LongRopeEngine, state: Any) -> None:
-    """Wrap the serving objects' render methods (vLLM 0.32 names) with admission."""
+    """Admission around the completion and chat serving objects' render methods (vLLM 0.32 names)."""
     completion = getattr(state, "openai_serving_completion", None)
     if completion is not None:
-        original_completion = completion.render_completion_request
-
-        async def render_completion_request(request: Any) -> Any:
-            result = await original_completion(request)
-            if isinstance(result, list):
-                error = _admit_inputs(engine, completion, result, request.max_tokens)
-                if error is not None:
-                    return error
-            return result
-
-        completion.render_completion_request = render_completion_request
-
+        _wrap_render(
+            engine,
+            completion,
+            "render_completion_request",
+            lambda result: result if isinstance(result, list) else None,
+            lambda request: request.max_tokens,
+        )
     chat = getattr(state, "openai_serving_chat", None)
     if chat is not None:
-        original_chat = chat.render_chat_request
-
-        async def render_chat_request(request: Any) -> Any:
-            result = await original_chat(request)
-            if isinstance(result, tuple):
-                requested = request.max_completion_tokens or request.max_tokens
-                error = _admit_inputs(engine, chat, result[1], requested)
-                if error is not None:
-                    return error
-            return result
-
-        chat.render_chat_request = render_chat_request
+        _wrap_render(
+            engine,
+            chat,
+            "render_chat_request",
+            lambda result: result[1] if isinstance(result, tuple) else None,
+            lambda request: request.max_completion_tokens or request.max_tokens,
+        )
 
 
 def _add_outer_middleware(app: Any, cls: type, **options: Any) -> None:

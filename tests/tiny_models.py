@@ -7,6 +7,20 @@ from pathlib import Path
 from typing import Any
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# 2 layers, hidden 128, 2 heads → head_dim 64 (the CPU attention's smallest supported size), fp32,
+# the SmolLM2 tokenizer's vocabulary.
+TINY = {
+    "vocab_size": 49152,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "dtype": "float32",
+}
 
 
 def _save(model: Any, folder: Path, tokenizer_dir: Path) -> Path:
@@ -25,19 +39,7 @@ def make_tiny_llama(folder: Path, tokenizer_dir: Path, *, max_position_embedding
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        dtype="float32",
+        **TINY, max_position_embeddings=max_position_embeddings, rope_theta=10000.0, tie_word_embeddings=True
     )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger logits spread so greedy ties are unlikely
@@ -57,19 +59,10 @@ def make_tiny_phi3(
     short = [1.0 + 0.05 * i for i in range(head_dim // 2)]
     long = [1.0 + 1.5 * i for i in range(head_dim // 2)]
     cfg = Phi3Config(
-        vocab_size=49152,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **TINY,
         max_position_embeddings=max_position_embeddings,
         original_max_position_embeddings=original,
         tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        dtype="float32",
         rope_parameters={
             "rope_type": "longrope",
             "rope_theta": 10000.0,
