@@ -422,18 +422,9 @@ def main(argv: list[str] | None = None) -> int:
 def hot_load_body(path: str | None, factor_paths: list[str]) -> dict[str, Any]:
     """The set to re-load during the run (default: the smallest-window set served), without its version,
     so the server makes it the next version of that name."""
-    from factors.formats import load_any
+    from factors.formats import load_any, load_set_paths
 
-    if path is None:
-        candidates = [
-            fs
-            for raw in factor_paths
-            for f in (sorted(Path(raw).glob("*.json")) if Path(raw).is_dir() else [Path(raw)])
-            for fs in load_any(f)
-        ]
-        fs = min(candidates, key=lambda c: c.max_len)
-    else:
-        fs = load_any(path)[0]
+    fs = min(load_set_paths(factor_paths), key=lambda c: c.max_len) if path is None else load_any(path)[0]
     body = fs.model_dump(mode="json", exclude_none=True)
     body.pop("version", None)
     body["provenance"] = {**body.get("provenance", {}), "notes": "re-loaded by the benchmark to time a hot-load"}
@@ -477,19 +468,12 @@ def plot_latency(ours: list[tuple[list[Result], float]], stock: list[tuple[list[
 
 def table_memory(paths: list[str]) -> dict[str, dict[str, float]]:
     """Per-set cos/sin table memory (max_len × rotary_dim × dtype bytes) of the JSON sets served."""
-    from factors.formats import load_any
+    from factors.formats import load_set_paths
 
-    out: dict[str, dict[str, float]] = {}
-    for raw in paths:
-        p = Path(raw)
-        for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
-            for fs in load_any(f):
-                out[fs.name] = {
-                    "window": fs.max_len,
-                    "mib_fp32": fs.table_bytes(4) / 2**20,
-                    "mib_bf16": fs.table_bytes(2) / 2**20,
-                }
-    return out
+    return {
+        fs.name: {"window": fs.max_len, "mib_fp32": fs.table_bytes(4) / 2**20, "mib_bf16": fs.table_bytes(2) / 2**20}
+        for fs in load_set_paths(paths)
+    }
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -337,6 +337,25 @@ def hf_config_from_sets(short: FactorSet, long: FactorSet, key: str = "rope_para
     return {"max_position_embeddings": long.max_len, key: block}
 
 
+def expand_set_paths(paths: Any) -> list[Path]:
+    """Files as given; folders contribute their *.json files (sorted)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.glob("*.json") if q.is_file()))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FactorSetError(f"factor file or folder {p} does not exist")
+    return out
+
+
+def load_set_paths(paths: Any, *, monotone: MonotonePolicy = "warn") -> list[FactorSet]:
+    """Every set in the given files and folders (JSON sets and HF configs)."""
+    return [fs for path in expand_set_paths(paths) for fs in load_any(path, monotone=monotone)]
+
+
 def load_any(
     path: str | os.PathLike[str],
     *,

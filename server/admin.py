@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
 
-from .engine import LongRopeEngine
+from .engine import LongRopeEngine, UnknownSetError
 
 logger = logging.getLogger("longrope.admin")
 
@@ -90,12 +90,12 @@ def build_admin_router(engine: LongRopeEngine, token: str | None) -> APIRouter:
 
     @router.post("/factors/{name}/rollback", dependencies=[Depends(require_admin)])
     async def rollback(name: str) -> dict[str, Any]:
-        fs = await _checked_async(engine.rollback_set, name, missing_is_404=True)
+        fs = await _checked_async(engine.rollback_set, name)
         return set_summary(engine, fs)
 
     @router.delete("/factors/{name}", dependencies=[Depends(require_admin)])
     async def retire(name: str) -> dict[str, Any]:
-        fs = await _checked_async(engine.retire_set, name, missing_is_404=True)
+        fs = await _checked_async(engine.retire_set, name)
         return {"retired": fs.label}
 
     return router
@@ -108,12 +108,13 @@ def _checked(fn: Any, *args: Any) -> Any:
         raise AdminError(400, str(err), "invalid_factor_set") from None
 
 
-async def _checked_async(fn: Any, *args: Any, missing_is_404: bool = False) -> Any:
+async def _checked_async(fn: Any, *args: Any) -> Any:
     try:
         return await fn(*args)
+    except UnknownSetError as err:
+        raise AdminError(404, str(err), "not_found") from None
     except FactorSetError as err:
-        status = 404 if missing_is_404 and str(err).startswith("no live set named") else 400
-        raise AdminError(status, str(err), "invalid_factor_set" if status == 400 else "not_found") from None
+        raise AdminError(400, str(err), "invalid_factor_set") from None
     except MemoryError as err:
         raise AdminError(507, str(err), "insufficient_storage") from None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from factors.baselines import identity_set
-from factors.formats import ModelRope, check_compatible, load_any, read_model_rope, sets_from_hf_config
+from factors.formats import ModelRope, check_compatible, load_set_paths, model_rope_from_config, sets_from_hf_config
 from factors.schema import FactorSet, FactorSetError
 
 from . import metrics
@@ -31,38 +31,29 @@ from .vllm_patch import CONFIG_KEY, EXTENSION_QUALNAME, EXTRA_ARGS_KEY, PATCH_VE
 
 logger = logging.getLogger("longrope.engine")
 
+
+class UnknownSetError(FactorSetError):
+    """An admin call named a set that is not live."""
+
+
 ASSIGNMENT_KEY = "_longrope_assignment"  # an admitted Assignment riding on the prompt dict
 
 
 # -- where sets come from at start --------------------------------------------------------------------
 
 
-def expand_set_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders contribute their *.json files (sorted)."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.glob("*.json") if q.is_file()))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise FactorSetError(f"factor file or folder {p} does not exist")
-    return out
-
-
 def startup_sets(model_dir: str | Path, factor_paths: Iterable[str | Path] = ()) -> tuple[ModelRope, list[FactorSet]]:
     """The sets an engine starts with: the model's own ``longrope`` config (short + long), the given
     factor files, and plain RoPE over the original window when no set's window is that short."""
-    model = read_model_rope(model_dir)
+    config_path = Path(model_dir) / "config.json"
+    cfg = json.loads(config_path.read_text())
+    model = model_rope_from_config(cfg)
     sets: list[FactorSet] = []
     if model.rope_type in ("longrope", "su"):
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        sets.extend(sets_from_hf_config(cfg, source=f"{model_dir}/config.json"))
-    for path in expand_set_paths(factor_paths):
-        for fs in load_any(path):
-            check_compatible(fs, model)
-            sets.append(fs)
+        sets.extend(sets_from_hf_config(cfg, source=str(config_path)))
+    for fs in load_set_paths(factor_paths):
+        check_compatible(fs, model)
+        sets.append(fs)
     if not any(fs.max_len <= model.geometry.original_max_len for fs in sets):
         sets.append(identity_set(model.geometry, "original"))
     names = Counter(fs.name for fs in sets)
@@ -293,20 +284,25 @@ class LongRopeEngine:
                 f"set {fs.name!r} has window {fs.max_len}, but this engine serves at most {self.max_model_len}"
                 " tokens (restart with a larger --max-model-len to serve it)"
             )
-        known = max(self.history.get(fs.name, {}), default=0)
-        if self.registry is not None:
-            known = max(known, self.registry.latest_version(fs.name))
+        known = self._latest_version(fs.name)
         if fs.version is not None and fs.version <= known:
             raise FactorSetError(
                 f"set {fs.name!r} version {fs.version} is not newer than version {known}, which already exists;"
                 f" omit version to get {known + 1}"
             )
 
-    def _next_version(self, name: str) -> int:
+    def _latest_version(self, name: str) -> int:
+        """The highest version of a name on record (memory or registry), 0 for a new name."""
         known = max(self.history.get(name, {}), default=0)
         if self.registry is not None:
             known = max(known, self.registry.latest_version(name))
-        return known + 1
+        return known
+
+    def _live(self, name: str) -> FactorSet:
+        current = self.table.get(name)
+        if current is None:
+            raise UnknownSetError(f"no live set named {name!r}; live: {self.table.describe()}")
+        return current
 
     async def load_set(self, fs: FactorSet) -> FactorSet:
         """Validate, persist, push to every worker, then swap the table. A set with an existing name
@@ -316,7 +312,7 @@ class LongRopeEngine:
             self.validate_new_set(fs)
             async with self._admin_lock:
                 self.validate_new_set(fs)  # again, under the lock (another load may have won the race)
-                versioned = fs.with_updates(version=fs.version or self._next_version(fs.name))
+                versioned = fs.with_updates(version=fs.version or self._latest_version(fs.name) + 1)
                 saved = self.registry.save_version(versioned) if self.registry is not None else None
                 try:
                     await self._activate(versioned)
@@ -336,9 +332,7 @@ class LongRopeEngine:
     async def rollback_set(self, name: str) -> FactorSet:
         """Make the version before the live one live again."""
         async with self._admin_lock:
-            current = self.table.get(name)
-            if current is None:
-                raise FactorSetError(f"no live set named {name!r}; live: {self.table.describe()}")
+            current = self._live(name)
             older = sorted(v for v in self.history.get(name, {}) if v < (current.version or 1))
             if not older:
                 raise FactorSetError(f"{current.label} has no earlier version to roll back to")
@@ -351,9 +345,7 @@ class LongRopeEngine:
     async def retire_set(self, name: str) -> FactorSet:
         """Stop admitting requests to a set; refused if it is the only set reaching its window."""
         async with self._admin_lock:
-            current = self.table.get(name)
-            if current is None:
-                raise FactorSetError(f"no live set named {name!r}; live: {self.table.describe()}")
+            current = self._live(name)
             rest = self.table.without(name)
             if not rest.sets:
                 raise FactorSetError(f"{name!r} is the last live set; load another before retiring it")
@@ -410,4 +402,4 @@ class LongRopeEngine:
         return await self.engine.collective_rpc("longrope_status")
 
 
-__all__ = ["EngineSettings", "LongRopeEngine", "RequestTooLong", "startup_sets", "plan_engine_args"]
+__all__ = ["EngineSettings", "LongRopeEngine", "RequestTooLong", "UnknownSetError", "plan_engine_args", "startup_sets"]
