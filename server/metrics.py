@@ -44,3 +44,20 @@ def publish_live_sets(sets: list) -> None:
     LOADED_SETS.clear()
     for fs in sets:
         LOADED_SETS.labels(fs.name, str(fs.version), str(fs.max_len)).set(1)
+
+# Upgrade by recompute (policy ``upgrade``): a request that outgrows its set moves to a larger one.
+UPGRADE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+UPGRADES = Counter(
+    "longrope_upgrades",
+    "Requests moved to a larger factor set because generation outgrew their set's window",
+    ["from_set", "to_set"],
+)
+UPGRADE_RECOMPUTE_TOKENS = Counter(
+    "longrope_upgrade_recompute_tokens",
+    "Tokens (prompt + generated so far) whose KV cache was recomputed under the larger set by upgrades",
+)
+UPGRADE_RECOMPUTE_SECONDS = Histogram(
+    "longrope_upgrade_recompute_seconds",
+    "Time from an upgrade to the first token generated under the larger set (the recompute prefill)",
+    buckets=UPGRADE_SECONDS_BUCKETS,
+)
