@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +40,16 @@ class RunningServer:
 
 
 def start_server(
-    model: Path, sets: Path, workdir: Path, registry: Path | None = None, admin: bool = True
+    model: Path,
+    sets: Path,
+    workdir: Path,
+    registry: Path | None = None,
+    admin: bool = True,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> RunningServer:
+    """Start longrope-serve on a free loopback port and wait for /health. ``extra_args`` are appended to
+    the command line; ``env`` entries override the environment (after the admin token is set or removed)."""
     port = _free_port()
     registry = registry or workdir / "registry"
     log = workdir / f"server-{port}.log"
@@ -66,13 +74,15 @@ def start_server(
         "127.0.0.1",
         "--port",
         str(port),
+        *extra_args,
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("LONGROPE_ADMIN_TOKEN", None)
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    full_env.pop("LONGROPE_ADMIN_TOKEN", None)
     if admin:
-        env["LONGROPE_ADMIN_TOKEN"] = ADMIN_TOKEN
+        full_env["LONGROPE_ADMIN_TOKEN"] = ADMIN_TOKEN
+    full_env.update(env or {})
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
