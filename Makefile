@@ -6,10 +6,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export LONGROPE_VENV := $(VENV)
 
-.PHONY: install model serve test lint
+.PHONY: install test-tools model serve test lint
 
 install:
 	bash scripts/install.sh
+
+# System tools the tests need (Debian's prometheus for tests/deploy); a no-op when present.
+test-tools:
+	bash scripts/install-test-tools.sh
 
 model: install
 	$(PY) -m server.default_model
@@ -17,7 +21,7 @@ model: install
 serve: install
 	$(VENV)/bin/longrope-serve $(ARGS)
 
-test: install
+test: install test-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
