@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import BASELINE_METHODS, RopeGeometry, make_baseline
+from .cli_search import add_search_commands
 from .formats import (
     atomic_write_text,
     check_compatible,
@@ -38,7 +39,11 @@ examples:
   longrope-factors convert 8k.csv --model ./models/smollm2 --max-len 65536 --to json -o long.json
   longrope-factors baseline yarn --model ./models/smollm2 --target-len 65536 -o yarn-64k.json
   longrope-factors plot a.json b.json -o factors.png
-  longrope-factors angles long-64k.json --positions 0,1,4095,2097151 --json"""
+  longrope-factors angles long-64k.json --positions 0,1,4095,2097151 --json
+  longrope-factors search --model factors/data/tiny-short/model --target-len 1024 -o longrope.json
+  longrope-factors eval --model DIR --set a.json --set b.json --text stdlib:heldout --lengths 1024,2048 --json
+  longrope-factors passkey --model DIR --set long.json --lengths 4096
+  longrope-factors plot-ppl --model DIR --set a.json --text stdlib:heldout --lengths 128,256,512,1024 -o ppl.png"""
 
 
 def _geometry_options(p: argparse.ArgumentParser, for_csv: bool = True) -> None:
@@ -309,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"positions": [...], "cos": [[...]], "sin": [[...]]}')
     _geometry_options(p)
     p.set_defaults(func=cmd_angles)
+    add_search_commands(sub)
     return parser
 
 

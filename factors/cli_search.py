@@ -1,0 +1,395 @@
+"""``longrope-factors search | eval | passkey | plot-ppl``: find and measure factor sets.
+
+These commands load a Hugging Face model (transformers, CPU or CUDA); they never import vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .formats import factor_set_json, load_any, save_json_set
+from .schema import FactorSet, FactorSetError
+from .search import N_HAT_CHOICES, SearchConfig
+
+TEXT_HELP = (
+    "text to measure on: a UTF-8 file, or stdlib:search / stdlib:heldout / stdlib:train for the Python"
+    " standard library's source split by file (see factors.corpus)"
+)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("expected one or more integers > 0")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama-family model folder")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    g.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)"
+    )
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _evaluator(args: argparse.Namespace) -> Any:
+    from .evaluate import Evaluator
+
+    return Evaluator(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+
+
+def _sets(paths: list[str]) -> list[FactorSet]:
+    return [fs for path in paths for fs in load_any(path)]
+
+
+def _tokens(ev: Any, spec: str) -> Any:
+    from .corpus import text_source
+
+    try:
+        return ev.tokenize(text_source(spec))
+    except ValueError as err:
+        raise FactorSetError(str(err)) from None
+
+
+def _print_table(records: list[dict[str, Any]]) -> None:
+    lengths = sorted({r["length"] for r in records})
+    names = list(dict.fromkeys(r["set"] for r in records))
+    by = {(r["set"], r["length"]): r["ppl"] for r in records}
+    width = max(12, *(len(n) for n in names))
+    print(f"{'set':<{width}} " + " ".join(f"{L:>10}" for L in lengths))
+    for n in names:
+        print(f"{n:<{width}} " + " ".join(f"{by.get((n, L), float('nan')):>10.4f}" for L in lengths))
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .progressive import progressive, search_set, short_readjust
+
+    ev = _evaluator(args)
+    tokens = _tokens(ev, args.text)
+    geo = ev.rope.geometry
+    targets = args.progressive or [args.target_len]
+    if args.target_len not in targets:
+        targets = sorted({*targets, args.target_len})
+    cfg = SearchConfig(
+        target_len=args.target_len,
+        population=args.population,
+        parents=args.parents,
+        mutations=args.mutations,
+        crossovers=args.crossovers,
+        generations=args.generations,
+        seed=args.seed,
+        low=args.low,
+        high=args.high,
+        n_hat_choices=tuple(args.n_hat_choices),
+        mscale=args.mscale,
+        time_budget_s=args.time_budget * 60 if args.time_budget else None,
+    )
+    ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    t0 = time.monotonic()
+    if len(targets) > 1:
+        chain = progressive(
+            ev,
+            tokens,
+            targets,
+            cfg,
+            samples=args.samples,
+            data=args.text,
+            name_prefix=args.name,
+            checkpoint_dir=ckdir,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+        long = chain[-1]
+        for fs in chain[:-1]:
+            if args.output:
+                save_json_set(fs, Path(args.output).with_name(f"{fs.name}.json"))
+    else:
+        ckpt = ckdir / f"{args.name}-{args.target_len}.ckpt.json" if ckdir else None
+        long, _ = search_set(
+            ev,
+            tokens,
+            cfg,
+            samples=args.samples,
+            data=args.text,
+            name=args.name,
+            checkpoint=ckpt,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    long = _with_table(ev, long, args, [args.target_len])
+    _write(long, args.output)
+    if args.short:
+        short_cfg = SearchConfig(
+            target_len=geo.original_max_len,
+            population=args.short_population or args.population,
+            parents=args.short_parents or args.parents,
+            mutations=args.mutations,
+            crossovers=args.crossovers,
+            generations=args.short_generations if args.short_generations is not None else args.generations,
+            seed=args.seed,
+            n_hat_choices=tuple(args.n_hat_choices),
+        )
+        short = short_readjust(
+            ev,
+            tokens,
+            long,
+            short_cfg,
+            samples=args.short_samples or args.samples,
+            data=args.text,
+            name=f"{args.name}-short",
+            checkpoint=ckdir / f"{args.name}-short.ckpt.json" if ckdir else None,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+        short = _with_table(ev, short, args, [geo.original_max_len], baselines=("identity",))
+        _write(short, args.short_output)
+    print(f"search finished in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _with_table(
+    ev: Any,
+    fs: FactorSet,
+    args: argparse.Namespace,
+    lengths: list[int],
+    baselines: tuple[str, ...] = ("identity", "pi", "ntk", "yarn"),
+) -> FactorSet:
+    """Add the ppl table (set vs baselines, on --table-text) to the set's provenance."""
+    if not args.table_text:
+        return fs
+    tokens = _tokens(ev, args.table_text)
+    sets = [ev.geometry_set(m, fs.max_len) for m in baselines] + [fs]
+    records = ev.ppl_table(sets, tokens, lengths, args.table_samples, seed=args.window_seed)
+    metrics = {
+        **fs.provenance.metrics,
+        "ppl_table": {"text": args.table_text, "samples": args.table_samples, "records": records},
+    }
+    return fs.model_copy(update={"provenance": fs.provenance.model_copy(update={"metrics": metrics})})
+
+
+def _write(fs: FactorSet, output: str | None) -> None:
+    if output:
+        save_json_set(fs, output)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(factor_set_json(fs))
+
+
+# -- eval / passkey / plot-ppl --------------------------------------------------------------------
+
+
+def _eval_records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    ev = _evaluator(args)
+    sets = _sets(args.set)
+    if not sets:
+        raise FactorSetError("give at least one --set FILE")
+    tokens = _tokens(ev, args.text)
+    return ev.ppl_table(sets, tokens, args.lengths, args.samples, seed=args.seed)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    records = _eval_records(args)
+    if args.json:
+        for r in records:
+            print(json.dumps(r))
+    else:
+        _print_table(records)
+    return 0
+
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    ev = _evaluator(args)
+    sets = _sets(args.set)
+    out = []
+    for fs in sets:
+        for length in args.lengths:
+            results = ev.passkey(fs, length, depths=args.depths, trials=args.trials, seed=args.seed)
+            acc = sum(r.correct for r in results) / len(results)
+            out.append(
+                {
+                    "set": fs.name,
+                    "length": length,
+                    "accuracy": acc,
+                    "trials": len(results),
+                    "by_depth": {str(d): sum(r.correct for r in results if r.depth == d) for d in args.depths},
+                }
+            )
+    for r in out:
+        print(
+            json.dumps(r)
+            if args.json
+            else f"{r['set']:<24} {r['length']:>8}  accuracy {r['accuracy']:.2f} ({r['trials']} trials)"
+        )
+    return 0
+
+
+def cmd_plot_ppl(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if args.records:
+        records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+    else:
+        if not (args.model and args.set and args.text and args.lengths):
+            raise FactorSetError("plot-ppl needs --records FILE, or --model, --set, --text and --lengths to measure")
+        records = _eval_records(args)
+    if args.save_records:
+        Path(args.save_records).write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in dict.fromkeys(r["set"] for r in records):
+        pts = sorted((r["length"], r["ppl"]) for r in records if r["set"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("perplexity")
+    if args.window:
+        ax.axvline(args.window, color="grey", linestyle=":", label=f"trained window ({args.window})")
+    ax.set_title(args.title or "perplexity against length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def add_search_commands(sub: Any) -> None:
+    """Register search, eval, passkey and plot-ppl on the longrope-factors subparsers."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser(
+        "search",
+        help="LongRoPE evolutionary search for λ_i and n̂ on perplexity",
+        formatter_class=fmt,
+        description="Search λ_i (non-decreasing, within [--low, --high]) and n̂ (from --n-hat-choices) that minimise"
+        " perplexity at --target-len on --text, starting from PI, NTK and YaRN and their mutations; each generation"
+        " keeps the --parents best and adds --mutations mutated and --crossovers crossed children. With"
+        " --progressive the search runs once per length, each stage seeded with the previous one. With --short it"
+        " then searches a short set at the model's own window. The output is a factor-set JSON file whose"
+        " provenance records the data, lengths, generations and ppl table; it loads into the server unchanged.",
+    )
+    _model_options(p)
+    p.add_argument("--target-len", type=int, required=True, help="window of the long set (tokens)")
+    p.add_argument("--progressive", type=_ints, help="chain of lengths, e.g. 256,512,1024 (the last is the target)")
+    p.add_argument("--text", default="stdlib:search", help=TEXT_HELP)
+    p.add_argument("--samples", type=int, default=4, help="windows per perplexity evaluation")
+    p.add_argument("--window-seed", type=int, default=0, help="seed for the windows' offsets in the text")
+    p.add_argument("--population", type=int, default=64, help="individuals kept per generation")
+    p.add_argument("--parents", type=int, default=32, help="top-k individuals that breed")
+    p.add_argument("--mutations", type=int, default=16, help="mutated children per generation")
+    p.add_argument("--crossovers", type=int, default=16, help="crossover children per generation")
+    p.add_argument("--generations", type=int, default=40, help="generations after the initial population")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
+    p.add_argument("--low", type=float, default=1.0, help="lower bound of every λ_i")
+    p.add_argument("--high", type=float, help="upper bound of every λ_i (default: 2 × the extension ratio, ≥ 2)")
+    p.add_argument("--n-hat-choices", type=_ints_or_zero, default=list(N_HAT_CHOICES), help="allowed n̂ values")
+    p.add_argument("--mscale", type=float, help="attention scale (default: LongRoPE's sqrt(1 + ln s / ln L))")
+    p.add_argument("--time-budget", type=float, help="minutes; stop after the generation that passes it")
+    p.add_argument("--checkpoint-dir", help="write a resumable checkpoint per stage here after every generation")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir")
+    p.add_argument("--name", default="longrope", help="name of the long set (stages: NAME-LENGTH)")
+    p.add_argument("-o", "--output", help="long set JSON file (default stdout); stages go beside it")
+    p.add_argument("--short", action="store_true", help="also search the short set at the model's own window")
+    p.add_argument("--short-output", help="short set JSON file (default stdout)")
+    p.add_argument("--short-samples", type=int, help="windows per evaluation of the short search (default --samples)")
+    p.add_argument("--short-population", type=int, help="population of the short search (default --population)")
+    p.add_argument("--short-parents", type=int, help="parents of the short search (default --parents)")
+    p.add_argument("--short-generations", type=int, help="generations of the short search (default --generations)")
+    p.add_argument("--table-text", help="after the search, measure set vs baselines on this text (" + TEXT_HELP + ")")
+    p.add_argument("--table-samples", type=int, default=4, help="windows for that table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of sets at lengths on a text",
+        formatter_class=fmt,
+        description="Perplexity of the model under each set at each length, over --samples windows of the text at"
+        " seeded offsets (the same windows for every set). --json prints one"
+        ' {"set": NAME, "length": L, "ppl": X} record per line.',
+    )
+    _model_options(p)
+    _eval_options(p, required=True)
+    p.add_argument("--json", action="store_true", help="one JSON record per line instead of a table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "passkey",
+        help="passkey retrieval accuracy of sets at lengths",
+        formatter_class=fmt,
+        description="LongRoPE's synthetic passkey test: a random 5-digit key hidden at each depth of ~L tokens of"
+        " repeated filler; a trial is correct when greedy decoding reproduces the key.",
+    )
+    _model_options(p)
+    p.add_argument("--set", action="append", required=True, metavar="FILE", help="factor file (repeatable)")
+    p.add_argument("--lengths", type=_ints, required=True, help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="key depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=2, help="keys per depth")
+    p.add_argument("--seed", type=int, default=0, help="seed for the keys")
+    p.add_argument("--json", action="store_true", help="one JSON record per set and length")
+    p.set_defaults(func=cmd_passkey)
+
+    p = sub.add_parser(
+        "plot-ppl",
+        help="PNG of perplexity against length for several sets",
+        formatter_class=fmt,
+        description="Measure (as eval does) or read (--records, eval --json output) perplexity per set and length,"
+        " and draw one line per set.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="model folder (not needed with --records)")
+    g.add_argument("--device", default="cpu", help="torch device")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    _eval_options(p, required=False)
+    p.add_argument("--records", help="plot these eval --json records instead of measuring")
+    p.add_argument("--save-records", help="also write the measured records (JSON lines) here")
+    p.add_argument("--window", type=int, help="draw the model's trained window as a vertical line")
+    p.add_argument("--title", help="plot title")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_plot_ppl)
+
+
+def _ints_or_zero(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError("expected one or more integers ≥ 0")
+    return values
+
+
+def _eval_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--set", action="append", required=required, metavar="FILE", help="factor file (repeatable)")
+    p.add_argument("--text", required=required, help=TEXT_HELP)
+    p.add_argument("--lengths", type=_ints, required=required, help="comma-separated lengths in tokens")
+    p.add_argument("--samples", type=int, default=4, help="windows per length")
+    p.add_argument("--seed", type=int, default=0, help="seed for the windows' offsets")
