@@ -210,6 +210,13 @@ def test_every_dashboard_query_returns_data(server: RunningServer, prometheus: P
         f"{len(failures)} of {checked} dashboard queries returned no data (traffic per set: {counts}):\n"
         + "\n".join(failures)
         + "\nlabels on /metrics: "
-        + json.dumps(sorted({m.split("{")[0] for m in httpx.get(f"{server.base}/metrics").text.splitlines()
-                             if m.startswith(("longrope_", "vllm:"))}))
+        + json.dumps(
+            sorted(
+                {
+                    m.split("{")[0]
+                    for m in httpx.get(f"{server.base}/metrics").text.splitlines()
+                    if m.startswith(("longrope_", "vllm:"))
+                }
+            )
+        )
     )
