@@ -14,10 +14,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
@@ -25,6 +27,10 @@ from factors.schema import FactorSet, FactorSetError, parse_factor_set
 from .engine import LongRopeEngine, UnknownSetError
 
 logger = logging.getLogger("longrope.admin")
+
+# Versions become file names and cross to the workers through msgspec (64-bit ints); far more than any
+# registry will hold, far less than what breaks either.
+MAX_VERSION = 2**31 - 1
 
 
 class AdminError(Exception):
@@ -82,6 +88,13 @@ def build_admin_router(engine: LongRopeEngine, token: str | None) -> APIRouter:
     async def load_sets(request: Request) -> dict[str, Any]:
         sets = await _sets_from_request(engine, request)
         for fs in sets:  # validate every set before loading any
+            if fs.version is not None and fs.version > MAX_VERSION:
+                raise AdminError(
+                    400,
+                    f"version {fs.version} is too large (at most {MAX_VERSION}); omit it to get the next one",
+                    "invalid_factor_set",
+                    param="version",
+                )
             _checked(engine.validate_new_set, fs)
         loaded = []
         for fs in sets:
@@ -149,6 +162,8 @@ async def _sets_from_request(engine: LongRopeEngine, request: Request) -> list[F
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdminError(400, f"body is not valid JSON: {err}", param="body") from None
+    except RecursionError:
+        raise AdminError(400, "body is JSON nested too deeply to be a factor set or HF config", param="body") from None
     try:
         if isinstance(data, dict) and ("rope_parameters" in data or "rope_scaling" in data):
             names = (request.query_params.get("short_name", "short"), request.query_params.get("long_name", "long"))
@@ -172,6 +187,10 @@ async def _csv_set(engine: LongRopeEngine, request: Request, monotone: str) -> F
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise AdminError(400, "multipart upload needs a 'file' part with the LongRoPE CSV", param="file")
+    if upload.size is not None and upload.size > MAX_FILE_BYTES:  # chunked uploads carry no content-length
+        raise AdminError(
+            413, f"CSV of {upload.size} bytes is larger than the {MAX_FILE_BYTES} byte limit", param="file"
+        )
     raw = await upload.read()
     try:
         text = raw.decode("utf-8")
@@ -217,8 +236,30 @@ async def _csv_set(engine: LongRopeEngine, request: Request, monotone: str) -> F
         raise AdminError(400, str(err), "invalid_factor_set") from None
 
 
+async def _framework_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own HTTP errors (malformed multipart, a body that is not UTF-8, unknown route, wrong
+    method) in the OpenAI error shape instead of ``{"detail": ...}``."""
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+    return openai_error(status, message, phrase, headers=dict(exc.headers or {}) or None)
+
+
+def install_error_shape(app: Any) -> None:
+    """OpenAI-shaped bodies for Starlette's HTTP errors on ``app``. vLLM 0.32 registers its handler for
+    ``fastapi.HTTPException`` only, but FastAPI 0.136 raises Starlette's base class for a body it cannot
+    parse, so those errors left as ``{"detail": ...}`` and broke the published ErrorResponse schema
+    (found by schemathesis, tests/reliability/test_schemathesis.py)."""
+    app.add_exception_handler(StarletteHTTPException, _framework_error)
+
+
 def install_admin(app: Any, engine: LongRopeEngine, token: str | None) -> None:
-    """Mount the admin routes and their OpenAI-shaped error handler on vLLM's app."""
+    """Mount the admin routes and their OpenAI-shaped error handlers on ``app`` (vLLM's app, or a
+    separate admin app on its own port)."""
 
     async def handle(request: Request, exc: AdminError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -227,4 +268,5 @@ def install_admin(app: Any, engine: LongRopeEngine, token: str | None) -> None:
         return openai_error(exc.status, exc.message, exc.err_type, exc.param, headers)
 
     app.add_exception_handler(AdminError, handle)
+    install_error_shape(app)
     app.include_router(build_admin_router(engine, token))

@@ -6,18 +6,26 @@ Layout (all writes atomic: temp file + fsync + rename + fsync of the folder)::
     REGISTRY/live.json                {"live": {"NAME": VERSION, ...}, "retired": ["NAME", ...]}
 
 A crash between the two writes leaves an extra version file that ``live.json`` does not point at, which
-is harmless: the registry restores exactly the last ``live.json`` that was completely written.
+is harmless: the registry restores exactly the last ``live.json`` that was completely written. A crash
+inside a write leaves at most a ``.NAME.*.tmp`` file, which readers never look at and the next start
+removes (tests/reliability/test_registry_crash.py kills a writer at every step to prove it).
+
+Damage from outside (a truncated or edited file) is never fatal: a live version whose file does not load
+is skipped with an ERROR naming the file, and an unreadable ``live.json`` is kept aside as
+``live.json.corrupt-TIMESTAMP`` before the registry starts over from the start-up sets.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from factors.formats import atomic_write_text, factor_set_json, load_json_set
-from factors.schema import FactorSet, FactorSetError
+from factors.schema import NAME_PATTERN, FactorSet, FactorSetError
 
 logger = logging.getLogger("longrope.registry")
 
@@ -40,17 +48,50 @@ class Registry:
 
     # -- reading
     def read_state(self) -> RegistryState:
+        """The live pointer; an empty one (logged) when ``live.json`` is damaged — the engine then writes
+        its in-memory table over it, which is the truth while it runs."""
+        try:
+            return self.read_state_strict()
+        except FactorSetError as err:
+            logger.error("REGISTRY: %s; it will be rewritten from the live table", err)
+            return RegistryState()
+
+    def read_state_strict(self) -> RegistryState:
+        """The live pointer; raises :class:`FactorSetError` when ``live.json`` exists but is damaged."""
         path = self.root / LIVE_FILE
         if not path.exists():
             return RegistryState()
         try:
-            data = json.loads(path.read_text())
-            return RegistryState(
-                {str(k): int(v) for k, v in data.get("live", {}).items()}, list(data.get("retired", []))
-            )
-        except (ValueError, TypeError, AttributeError) as err:
-            logger.error("REGISTRY: %s is unreadable (%s); starting from the start-up sets only", path, err)
+            data = json.loads(path.read_text(encoding="utf-8"))
+            live = {str(k): int(v) for k, v in data.get("live", {}).items()}
+            retired = [str(n) for n in data.get("retired", [])]
+        except (ValueError, TypeError, AttributeError, RecursionError, OSError) as err:
+            raise FactorSetError(f"registry pointer {path} is unreadable ({err})") from None
+        bad = [f"{n}@{v}" for n, v in live.items() if not re.match(NAME_PATTERN, n) or v < 1]
+        bad += [n for n in retired if not re.match(NAME_PATTERN, n)]
+        if bad:
+            raise FactorSetError(f"registry pointer {path} names invalid sets or versions: {bad}")
+        return RegistryState(live, retired)
+
+    def _state_or_fresh(self) -> RegistryState:
+        """The live pointer at start; a damaged one is kept aside (never overwritten) and logged loudly."""
+        try:
+            return self.read_state_strict()
+        except FactorSetError as err:
+            path = self.root / LIVE_FILE
+            kept = path.with_name(f"{LIVE_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            path.replace(kept)
+            logger.error("REGISTRY: %s; kept it as %s and starting from the start-up sets only", err, kept)
             return RegistryState()
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temp files of writes that were interrupted (crash, kill -9); never read, removed at start."""
+        stale = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            logger.warning("REGISTRY: removed %d temp file(s) of interrupted writes: %s", len(stale), stale)
+        return stale
 
     def version_path(self, name: str, version: int) -> Path:
         return self.sets_dir / name / f"{version}.json"
@@ -75,13 +116,20 @@ class Registry:
     def restore(self, startup: list[FactorSet]) -> list[FactorSet]:
         """The live sets: the registry's for the names it knows, start-up sets for new names (saved as
         their version). A live version whose file is corrupt is skipped with a loud log."""
-        state = self.read_state()
+        self.remove_stale_temp_files()
+        state = self._state_or_fresh()
         out: dict[str, FactorSet] = {}
         for name, version in state.live.items():
             try:
                 out[name] = self.load_version(name, version)
             except FactorSetError as err:
-                logger.error("REGISTRY: skipping %s@%d: %s", name, version, err)
+                logger.error(
+                    "REGISTRY: skipping %s@%d, its file %s does not load: %s",
+                    name,
+                    version,
+                    self.version_path(name, version),
+                    err,
+                )
         for fs in startup:
             if fs.name in out or fs.name in state.retired or fs.name in state.live:
                 known = out.get(fs.name)

@@ -1,0 +1,85 @@
+"""Helpers shared by the reliability tests (HTTP only; the server is a real process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+from api.conftest import ADMIN_TOKEN
+from engine_harness import ids_of
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+PAIRS = 32  # the tiny model: head_dim 64 → 32 frequency pairs
+
+# Greedy probes, one per start-up set's window: (prompt length, max_tokens) → original, mid, nhat.
+PROBES = [(40, 12), (300, 12), (1100, 12)]
+
+
+def set_body(name: str, scale: float = 1.5, **over: Any) -> dict[str, Any]:
+    """A valid factor set for the tiny model (window 512 unless overridden)."""
+    body: dict[str, Any] = {
+        "name": name,
+        "factors": [1.0 + scale * i / (PAIRS - 1) for i in range(PAIRS)],
+        "rope_theta": 10000.0,
+        "rotary_dim": 2 * PAIRS,
+        "original_max_len": 256,
+        "max_len": 512,
+    }
+    body.update(over)
+    return body
+
+
+def complete(client: httpx.Client, base: str, length: int, max_tokens: int, seed: int | None = None) -> dict:
+    """One greedy completion of a deterministic prompt; the body plus the set that served it."""
+    r = client.post(
+        f"{base}/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": ids_of(length, length if seed is None else seed),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return {"set": r.headers["x-longrope-factor-set"], "text": choice["text"], "ids": choice.get("token_ids")}
+
+
+def probe_outputs(base: str) -> list[dict]:
+    with httpx.Client() as client:
+        return [complete(client, base, n, m) for n, m in PROBES]
+
+
+def live_labels(base: str) -> list[str]:
+    r = httpx.get(f"{base}/admin/factors", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return sorted(s["label"] for s in r.json()["data"])
+
+
+def listing(base: str) -> dict:
+    """The admin listing without its traffic counters (those move with every probe)."""
+    r = httpx.get(f"{base}/admin/factors", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    for s in data["data"]:
+        s.pop("requests_served", None)
+        s.pop("in_flight", None)
+    return data
+
+
+def registry_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under the registry, byte for byte (temp files included)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_openai_error(r: httpx.Response, status: int, fragment: str) -> dict:
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:500]}"
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status, err
+    assert fragment in err["message"], f"{fragment!r} not in {err['message']!r}"
+    return err
