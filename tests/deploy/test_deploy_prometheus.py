@@ -23,8 +23,9 @@ import openai
 import pytest
 import yaml
 from api.conftest import ADMIN_TOKEN, RunningServer, start_server
-from deploy_files import PROMETHEUS_CONFIG, dashboard_queries, load_dashboard, substitute
+from deploy_files import PROMETHEUS_CONFIG, dashboard_queries, iter_panels, load_dashboard, substitute
 from engine_harness import ids_of
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.engine
 
@@ -181,12 +182,22 @@ def test_every_dashboard_query_returns_data(server: RunningServer, prometheus: P
     counts = send_traffic(server.base)
     assert HOT_SET in counts and len(counts) >= 4, f"traffic should cover every set, got {counts}"
 
-    # Wait until a scrape after the last request and the hot-load has landed.
+    # Wait until Prometheus has scraped the server's final request count.
+    served_total = sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{server.base}/metrics", timeout=10).text)
+        if family.name == "longrope_requests"
+        for sample in family.samples
+        if sample.name == "longrope_requests_total"
+    )
+    assert served_total >= sum(counts.values())
     deadline = time.monotonic() + 30
-    while not prometheus.query(f'longrope_requests_total{{factor_set="{HOT_SET}"}}')["result"]:
-        assert time.monotonic() < deadline, "Prometheus never saw the hot-loaded set's requests"
+    while True:
+        result = prometheus.query("sum(longrope_requests_total)")["result"]
+        if result and float(result[0]["value"][1]) == served_total:
+            break
+        assert time.monotonic() < deadline, f"Prometheus never reached the server's {served_total} requests: {result}"
         time.sleep(0.5)
-    time.sleep(2)
 
     queries = dashboard_queries(load_dashboard())
     assert len(queries) >= 20, f"the dashboard should have all its panels' queries, found {len(queries)}"
@@ -220,3 +231,21 @@ def test_every_dashboard_query_returns_data(server: RunningServer, prometheus: P
             )
         )
     )
+
+    # The panels show the right things, not just something.
+    all_values = variants[0]
+
+    def series(title: str) -> list[dict]:
+        (panel,) = [p for p in iter_panels(load_dashboard()) if p["title"] == title]
+        return prometheus.query(substitute(panel["targets"][0]["expr"], all_values))["result"]
+
+    rates = {s["metric"]["factor_set"]: float(s["value"][1]) for s in series("Requests/s by factor set")}
+    assert set(counts) <= set(rates) and all(rates[name] > 0 for name in counts), (counts, rates)
+    rejections = {s["metric"]["reason"]: float(s["value"][1]) for s in series("Rejections by reason")}
+    assert rejections.get("too_long", 0) > 0, rejections
+    loaded = {(s["metric"]["factor_set"], s["metric"]["version"]) for s in series("Loaded factor set versions")}
+    assert (HOT_SET, "1") in loaded, loaded
+    hot = {(s["metric"]["action"], s["metric"]["result"]) for s in series("Hot-loads by action and result")}
+    assert len(hot) == 1 and next(iter(hot))[0] == "load", hot
+    upgrades = series("Upgrades/s (from → to)")
+    assert upgrades and all(float(s["value"][1]) > 0 for s in upgrades), upgrades
