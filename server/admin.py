@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
@@ -41,6 +42,70 @@ class AdminError(Exception):
         self.status, self.message, self.err_type, self.param = status, message, err_type, param
 
 
+class AdminErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class AdminErrorResponse(BaseModel):
+    """Published in the OpenAPI schema for every admin error, so clients and schemathesis can check it."""
+
+    error: AdminErrorInfo
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": AdminErrorResponse, "description": what}
+    for status, what in (
+        (400, "invalid factor set or body"),
+        (401, "missing or wrong admin token"),
+        (404, "unknown set, or the admin API is off"),
+        (413, "body over the size limit"),
+        (507, "no room left in the RoPE table"),
+    )
+}
+
+# The load body is read by hand (three formats), so FastAPI cannot infer it; declared here so the schema
+# says what a client may send and schemathesis generates real bodies for it.
+LOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "a factor set (name, factors, rope_theta, rotary_dim, original_max_len, max_len"
+                    "[, n_hat, mscale, version, model, provenance]) or an HF config with a longrope rope block",
+                    "additionalProperties": True,
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "name", "max_len"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "LongRoPE CSV"},
+                        "name": {"type": "string"},
+                        "max_len": {"type": "integer"},
+                        "n_hat": {"type": "integer"},
+                        "mscale": {"type": "number"},
+                    },
+                }
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": "monotone",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["warn", "reject", "ignore"], "default": "warn"},
+        }
+    ],
+}
+
+
 def openai_error(
     status: int, message: str, err_type: str, param: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
@@ -59,7 +124,7 @@ def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
 
 def build_admin_router(engine: LongRopeEngine, token: str | None) -> APIRouter:
     """The /admin routes. ``token`` None: every admin route answers 404 (the API is off, never open)."""
-    router = APIRouter(prefix="/admin", tags=["admin"])
+    router = APIRouter(prefix="/admin", tags=["admin"], responses=ERROR_RESPONSES)
 
     async def require_admin(request: Request) -> None:
         if token is None:
@@ -84,7 +149,7 @@ def build_admin_router(engine: LongRopeEngine, token: str | None) -> APIRouter:
             "max_model_len": engine.max_model_len,
         }
 
-    @router.post("/factors", status_code=201, dependencies=[Depends(require_admin)])
+    @router.post("/factors", status_code=201, dependencies=[Depends(require_admin)], openapi_extra=LOAD_BODY)
     async def load_sets(request: Request) -> dict[str, Any]:
         sets = await _sets_from_request(engine, request)
         for fs in sets:  # validate every set before loading any
