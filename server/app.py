@@ -25,8 +25,8 @@ from typing import Any
 from factors.schema import FactorSetError
 
 from .admin import install_admin
-from .engine import ASSIGNMENT_KEY, EngineSettings, LongRopeEngine
-from .policy import Assignment, RequestTooLong
+from .engine import ASSIGNMENT_KEY, POLICY_KEY, EngineSettings, LongRopeEngine
+from .policy import POLICIES, Assignment, RequestTooLong
 from .settings import ServerSettings
 
 logger = logging.getLogger("longrope.app")
@@ -40,36 +40,55 @@ _admitted: contextvars.ContextVar[list[Assignment] | None] = contextvars.Context
 
 
 BODY_FIELD = "longrope_factor_set"
+UPGRADES_HEADER = "x-longrope-upgrades"
+UPGRADES_FIELD = "longrope_upgrades"
 
 
-def _with_field(data: bytes, label: str) -> bytes | None:
-    """The JSON object ``data`` with the factor-set field added (None when it is not a JSON object)."""
+def _labels(holder: list[Assignment]) -> tuple[str, str | None]:
+    """The set label(s) the request's prompts are on now (after any upgrade), and their upgrade paths."""
+    label = ",".join(dict.fromkeys(a.final.key for a in holder))
+    paths = [a.upgrades for a in holder if a.upgrades]
+    return label, (",".join(paths) if paths else None)
+
+
+def _with_fields(data: bytes, fields: dict[str, str]) -> bytes | None:
+    """The JSON object ``data`` with the given fields added (None when it is not a JSON object)."""
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(obj, dict) or "error" in obj:
         return None
-    obj[BODY_FIELD] = label
+    obj.update(fields)
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _sse_with_field(chunk: bytes, label: str) -> bytes:
-    """Add the field to every ``data: {...}`` event of a server-sent-events chunk."""
+def _sse_with_fields(chunk: bytes, fields: dict[str, str]) -> bytes:
+    """Add the fields to every ``data: {...}`` event of a server-sent-events chunk."""
     lines = chunk.split(b"\n")
     for i, line in enumerate(lines):
         if line.startswith(b"data: {"):
-            updated = _with_field(line[6:], label)
+            updated = _with_fields(line[6:], fields)
             if updated is not None:
                 lines[i] = b"data: " + updated
     return b"\n".join(lines)
 
 
+def _fields(holder: list[Assignment]) -> dict[str, str]:
+    label, upgrades = _labels(holder)
+    return {BODY_FIELD: label, **({UPGRADES_FIELD: upgrades} if upgrades else {})}
+
+
 class FactorSetHeaderMiddleware:
-    """Pure ASGI middleware: every response of an admitted request says which set served it — the
-    ``x-longrope-factor-set`` header, and a ``longrope_factor_set`` field in the JSON body or in every
-    streamed chunk (OpenAI clients ignore unknown fields). It also ends admissions whose request never
-    reached the engine (e.g. refused by a later validation)."""
+    """Pure ASGI middleware: every response of an admitted request says which set served it.
+
+    - ``x-longrope-factor-set``: the set the request finished on (for a streamed response, the set it
+      started on: headers go out first), and ``x-longrope-upgrades: a@1>b@1`` when it moved up;
+    - a ``longrope_factor_set`` field (and ``longrope_upgrades`` once moved) in the JSON body, or in every
+      streamed chunk, where it names the set that chunk's tokens came from (OpenAI clients ignore unknown
+      fields).
+
+    It also ends admissions whose request never reached the engine (e.g. refused by a later validation)."""
 
     def __init__(self, app: Any, engine: LongRopeEngine) -> None:
         self.app = app
@@ -83,33 +102,37 @@ class FactorSetHeaderMiddleware:
         token = _admitted.set(holder)
         state: dict[str, Any] = {"start": None, "mode": "pass", "body": []}
 
+        def with_headers(message: dict) -> dict:
+            label, upgrades = _labels(holder)
+            headers = [*message.get("headers", []), (HEADER.encode(), label.encode())]
+            if upgrades:
+                headers.append((UPGRADES_HEADER.encode(), upgrades.encode()))
+            return {**message, "headers": headers}
+
         async def send_annotated(message: dict) -> None:
             if message["type"] == "http.response.start":
                 if not holder:
                     await send(message)
                     return
-                label = ",".join(dict.fromkeys(a.key for a in holder))
-                headers = [*message.get("headers", []), (HEADER.encode(), label.encode())]
-                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                state["label"] = label
+                ctype = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
                 if ctype.startswith(b"application/json"):
-                    state["start"], state["mode"] = {**message, "headers": headers}, "json"  # sent with the body
+                    state["start"], state["mode"] = message, "json"  # sent with the body, when it is complete
                     return
                 state["mode"] = "sse" if ctype.startswith(b"text/event-stream") else "pass"
-                await send({**message, "headers": headers})
+                await send(with_headers(message))
                 return
             if message["type"] != "http.response.body" or state["mode"] == "pass":
                 await send(message)
                 return
             if state["mode"] == "sse":
-                await send({**message, "body": _sse_with_field(message.get("body", b""), state["label"])})
+                await send({**message, "body": _sse_with_fields(message.get("body", b""), _fields(holder))})
                 return
             state["body"].append(message.get("body", b""))
             if message.get("more_body", False):
                 return
             body = b"".join(state["body"])
-            body = _with_field(body, state["label"]) or body
-            start = state["start"]
+            body = _with_fields(body, _fields(holder)) or body
+            start = with_headers(state["start"])
             headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
             await send({**start, "headers": headers})
@@ -124,13 +147,22 @@ class FactorSetHeaderMiddleware:
                     await self.engine.end_admission(assignment)
 
 
-def _admit_inputs(engine: LongRopeEngine, serving: Any, engine_inputs: list[Any], requested: int | None) -> Any:
+def _policy_of(request: Any) -> str | None:
+    """The request's ``vllm_xargs: {"longrope_policy": ...}`` (None: the server's default)."""
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    return xargs.get(POLICY_KEY)
+
+
+def _admit_inputs(
+    engine: LongRopeEngine, serving: Any, engine_inputs: list[Any], request: Any, requested: int | None
+) -> Any:
     """Admit every tokenised prompt of a request; an OpenAI 400 if one does not fit."""
     admitted = []
     try:
+        policy, n = _policy_of(request), getattr(request, "n", 1) or 1
         for ei in engine_inputs:
             if isinstance(ei, dict) and "prompt_token_ids" in ei:
-                assignment = engine.admit(len(ei["prompt_token_ids"]), requested)
+                assignment = engine.admit(len(ei["prompt_token_ids"]), requested, policy, n)
                 ei[ASSIGNMENT_KEY] = assignment
                 admitted.append(assignment)
     except (RequestTooLong, ValueError) as err:
@@ -152,7 +184,7 @@ def _wrap_render(engine: LongRopeEngine, serving: Any, method: str, inputs_of: A
         result = await original(request)
         engine_inputs = inputs_of(result)
         if engine_inputs is not None:
-            error = _admit_inputs(engine, serving, engine_inputs, requested_of(request))
+            error = _admit_inputs(engine, serving, engine_inputs, request, requested_of(request))
             if error is not None:
                 return error
         return result
@@ -198,9 +230,10 @@ def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
     parser = FlexibleArgumentParser(
         prog="longrope-serve",
         description=(
-            "OpenAI-compatible server (vLLM 0.32) whose requests each get their own LongRoPE factor set: the "
-            "smallest set whose window holds prompt + max_tokens (or + --default-reserve when max_tokens is "
-            "not given). Without --model it serves the embedded SmolLM2-135M-Instruct with its short (8k) and "
+            "OpenAI-compatible server (vLLM 0.32) whose requests each get their own LongRoPE factor set, never "
+            "mixed in one request's KV cache. By default (--policy upgrade) a request starts on the smallest set "
+            "whose window holds its prompt and, when generation outgrows that window, moves to the next larger "
+            "set by recomputing its cache there. Without --model it serves the embedded SmolLM2-135M-Instruct with its short (8k) and "
             "long (32k) sets. Every longrope option can also be set by environment (LONGROPE_<OPTION>); every "
             "vLLM engine/server option below is passed through."
         ),
@@ -220,10 +253,31 @@ def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
         help="folder where loaded sets persist and are restored at start [LONGROPE_REGISTRY]",
     )
     group.add_argument(
+        "--registry-watch",
+        type=float,
+        default=settings.registry_watch,
+        metavar="SECONDS",
+        help=(
+            "with --registry: check the registry every SECONDS for sets loaded, rolled back or retired through "
+            "another replica sharing it, and serve them too (0 turns it off) [LONGROPE_REGISTRY_WATCH]"
+        ),
+    )
+    group.add_argument(
         "--default-reserve",
         type=int,
         default=settings.default_reserve,
         help="generation budget (tokens) assumed when a request gives no max_tokens [LONGROPE_DEFAULT_RESERVE]",
+    )
+    group.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=settings.policy,
+        help=(
+            "upgrade: start on the smallest window holding the prompt, move up (recomputing the cache) when "
+            "generation outgrows it; reserve: start on the smallest window holding prompt + max_tokens (or "
+            "+ --default-reserve), stop at it; pin: start like upgrade, never move, stop at the window. "
+            'Per request: vllm_xargs {"longrope_policy": ...} [LONGROPE_POLICY]'
+        ),
     )
     group.add_argument(
         "--rope-table-rows",
@@ -237,8 +291,31 @@ def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
         default=settings.admin_token_file,
         help="file with the admin API's bearer token; or set LONGROPE_ADMIN_TOKEN; without either the admin API is off",
     )
+    group.add_argument(
+        "--admin-port",
+        type=int,
+        default=settings.admin_port,
+        help="serve the admin API only on this port (not on the OpenAI API port) [LONGROPE_ADMIN_PORT]",
+    )
+    group.add_argument(
+        "--admin-host",
+        default=settings.admin_host,
+        help="interface for --admin-port (default 127.0.0.1: local only) [LONGROPE_ADMIN_HOST]",
+    )
     make_arg_parser(parser)
     return parser
+
+
+async def serve_admin_port(engine: LongRopeEngine, token: str, host: str, port: int, log_level: str) -> None:
+    """The admin API on its own port (e.g. bound to an internal interface only)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI(title="longrope-serve admin", docs_url=None, redoc_url=None)
+    install_admin(app, engine, token)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
+    logger.info("admin API on http://%s:%d/admin (not on the OpenAI API port)", host, port)
+    await server.serve()
 
 
 async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | None) -> None:
@@ -262,28 +339,43 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
         model=args.model,
         factor_paths=factor_paths,
         default_reserve=args.default_reserve,
+        policy=args.policy,
         rope_table_rows=args.rope_table_rows,
         registry_dir=args.registry,
         engine_kwargs=engine_kwargs,
     )
     engine = await LongRopeEngine.start(settings)
     args.max_model_len = engine.max_model_len
+    background: list[asyncio.Task] = []
     try:
         listen_address, sock = setup_server(args, reuse_port=False)
         supported_tasks = await engine.get_supported_tasks()
         app = build_app(args, supported_tasks, engine.model_config)
         await init_app_state(engine, app.state, args, supported_tasks)
         install_admission(engine, app.state)
-        install_admin(app, engine, admin_token)
         if admin_token is None:
             logger.warning("admin API is off (no LONGROPE_ADMIN_TOKEN / --admin-token-file)")
+            install_admin(app, engine, None)
+        elif args.admin_port:
+            install_admin(app, engine, None)  # the main port answers 404 for /admin
+            background.append(
+                asyncio.create_task(
+                    serve_admin_port(engine, admin_token, args.admin_host, args.admin_port, args.uvicorn_log_level)
+                )
+            )
+        else:
+            install_admin(app, engine, admin_token)
+        if args.registry and args.registry_watch > 0:
+            background.append(asyncio.create_task(engine.watch_registry(args.registry_watch)))
         _add_outer_middleware(app, FactorSetHeaderMiddleware, engine=engine)
-        logger.info("longrope-serve on %s; sets: %s", listen_address, engine.table.describe())
+        logger.info("longrope-serve on %s; sets: %s; policy %s", listen_address, engine.table.describe(), args.policy)
         shutdown_task = await serve_http(
             app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level
         )
         await shutdown_task
     finally:
+        for task in background:
+            task.cancel()
         engine.shutdown()
 
 

@@ -10,11 +10,13 @@ after its last request ends. Everything else is delegated to the wrapped ``Async
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,17 @@ from factors.formats import ModelRope, check_compatible, load_set_paths, model_r
 from factors.schema import FactorSet, FactorSetError
 
 from . import metrics
-from .policy import AdmissionPolicy, Assignment, RequestTooLong, SetTable
+from .policy import (
+    DEFAULT_POLICY,
+    AdmissionPolicy,
+    Assignment,
+    Policy,
+    RequestTooLong,
+    SetTable,
+    check_policy,
+    phase_limit,
+    upgrade_target,
+)
 from .registry import Registry
 from .vllm_patch import CONFIG_KEY, EXTENSION_QUALNAME, EXTRA_ARGS_KEY, PATCH_VERSION, VLLM_VERSION_TARGET
 
@@ -37,6 +49,7 @@ class UnknownSetError(FactorSetError):
 
 
 ASSIGNMENT_KEY = "_longrope_assignment"  # an admitted Assignment riding on the prompt dict
+POLICY_KEY = "longrope_policy"  # per-request policy, in vllm_xargs (= SamplingParams.extra_args)
 
 
 # -- where sets come from at start --------------------------------------------------------------------
@@ -63,6 +76,129 @@ def startup_sets(model_dir: str | Path, factor_paths: Iterable[str | Path] = ())
     return model, [fs if fs.version is not None else fs.with_updates(version=1) for fs in sets]
 
 
+# -- upgrades: one request, several engine requests -----------------------------------------------
+
+
+@dataclass
+class UpgradeRecord:
+    """One move of a request to a larger set (kept in ``LongRopeEngine.upgrade_log`` for tests and logs)."""
+
+    request_id: str
+    from_key: str
+    to_key: str
+    recompute_tokens: int
+    at: float
+    seconds: float | None = None  # upgrade → first token under the new set
+    cached_tokens: int | None = None  # prefix-cache hits of the recompute (0 unless the new set computed it)
+
+
+class PhaseJoiner:
+    """Presents the phases of an upgraded request to vLLM's serving layer as one request.
+
+    vLLM yields outputs in one of three kinds: DELTA (streaming: new tokens only), CUMULATIVE (all tokens so
+    far) and FINAL_ONLY (one output at the end). A phase's outputs only know that phase's tokens; this joins
+    them: the request id, prompt and prompt logprobs stay the first phase's, cumulative outputs are prefixed
+    with the earlier phases' tokens, text and logprobs, and a phase that ends in an upgrade is not reported as
+    finished. A request that never moves gets vLLM's outputs unchanged.
+    """
+
+    def __init__(self, request_id: str, output_kind: Any) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        self.request_id = request_id
+        self.delta = output_kind == RequestOutputKind.DELTA
+        self.final_only = output_kind == RequestOutputKind.FINAL_ONLY
+        self.first: Any = None
+        self.done_tokens: list[int] = []
+        self.done_text = ""
+        self.done_logprobs: Any = None
+        self.done_cumulative: float | None = None
+        self._reset_phase()
+
+    def _reset_phase(self) -> None:
+        self.phase_tokens: list[int] = []
+        self.phase_text = ""
+        self.phase_logprobs: Any = None
+        self.phase_cumulative: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.done_tokens + self.phase_tokens
+
+    @property
+    def tokens_in_phase(self) -> int:
+        return len(self.phase_tokens)
+
+    def observe(self, output: Any) -> None:
+        if self.first is None:
+            self.first = output
+        if not output.outputs:
+            return
+        c = output.outputs[0]
+        if self.delta:
+            self.phase_tokens.extend(c.token_ids)
+            self.phase_text += c.text
+            self.phase_logprobs = _join_logprobs(self.phase_logprobs, c.logprobs)
+        else:
+            self.phase_tokens, self.phase_text, self.phase_logprobs = list(c.token_ids), c.text, c.logprobs
+        self.phase_cumulative = c.cumulative_logprob
+
+    def phase_ended_at_limit(self, output: Any, phase_max: int) -> bool:
+        """The phase stopped because it reached its token limit (not a stop token, string or abort)."""
+        c = output.outputs[0] if output.outputs else None
+        return c is not None and c.finish_reason == "length" and len(self.phase_tokens) >= phase_max
+
+    def next_phase(self) -> None:
+        self.done_tokens += self.phase_tokens
+        self.done_text += self.phase_text
+        self.done_logprobs = _join_logprobs(self.done_logprobs, self.phase_logprobs)
+        if self.phase_cumulative is not None:
+            self.done_cumulative = (self.done_cumulative or 0.0) + self.phase_cumulative
+        self._reset_phase()
+
+    def present(self, output: Any, phase: int, continuing: bool) -> Any:
+        """What the consumer sees for this engine output (None: nothing, a FINAL_ONLY phase that goes on)."""
+        if phase == 0 and not continuing:
+            return output
+        if continuing and self.final_only:
+            return None
+        shown = copy.copy(output)
+        completions = []
+        for c in output.outputs:
+            if not self.delta and phase > 0:
+                c = dataclasses.replace(
+                    c,
+                    token_ids=self.done_tokens + list(c.token_ids),
+                    text=self.done_text + c.text,
+                    logprobs=_join_logprobs(self.done_logprobs, c.logprobs),
+                )
+            if phase > 0 and c.cumulative_logprob is not None and self.done_cumulative is not None:
+                c = dataclasses.replace(c, cumulative_logprob=self.done_cumulative + c.cumulative_logprob)
+            if continuing:
+                c = dataclasses.replace(c, finish_reason=None, stop_reason=None)
+            completions.append(c)
+        shown.outputs = completions
+        shown.request_id = self.request_id
+        if continuing:
+            shown.finished = False
+        if phase > 0:
+            shown.prompt = self.first.prompt
+            shown.prompt_token_ids = self.first.prompt_token_ids
+            shown.prompt_logprobs = None if self.delta else self.first.prompt_logprobs
+            shown.num_cached_tokens = self.first.num_cached_tokens
+        return shown
+
+
+def _join_logprobs(head: Any, tail: Any) -> Any:
+    if head is None:
+        return None if tail is None else copy.copy(tail)
+    if tail is None:
+        return head
+    joined = copy.copy(head)
+    joined.extend(tail)
+    return joined
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 
 
@@ -73,6 +209,7 @@ class EngineSettings:
     model: str
     factor_paths: list[str] = field(default_factory=list)
     default_reserve: int = 256
+    policy: Policy = DEFAULT_POLICY
     rope_table_rows: int | None = None  # default: twice the start-up sets' windows
     registry_dir: str | None = None  # where loaded sets persist across restarts (None: memory only)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
@@ -139,12 +276,14 @@ class LongRopeEngine:
         self.model_rope = model
         self.settings = settings
         self.max_model_len = max_model_len
-        self.policy = AdmissionPolicy(default_reserve=settings.default_reserve)
+        self.policy = AdmissionPolicy(default_reserve=settings.default_reserve, default_policy=settings.policy)
         self.table = SetTable(tuple(sets))
         self.in_flight: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.retired_keys: set[str] = set()
         self.assignments: dict[str, Assignment] = {}
+        self.upgrade_log: deque[UpgradeRecord] = deque(maxlen=1000)
+        self._engine_ids: dict[str, str] = {}  # request id -> id of the engine request running it now
         self._admin_lock = asyncio.Lock()
         metrics.publish_live_sets(list(self.table.sets))
 
@@ -192,25 +331,32 @@ class LongRopeEngine:
         self.engine.shutdown(*args, **kwargs)
 
     # -- requests
-    def assign(self, prompt_tokens: int, max_tokens: int | None) -> Assignment:
-        return self.policy.assign(self.table, prompt_tokens, max_tokens)
+    def assign(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
+        policy = check_policy(policy) if policy is not None else self.policy.default_policy
+        if n > 1 and policy == "upgrade":
+            # Several choices would outgrow the window at different tokens; admit them on the budget instead.
+            policy = "reserve"
+        return self.policy.assign(self.table, prompt_tokens, max_tokens, policy)
 
-    def admit(self, prompt_tokens: int, max_tokens: int | None) -> Assignment:
+    def admit(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
         """Assign a set and count the request on its version from this moment on, so the version's
         table rows cannot be released before the request reaches the engine."""
         try:
-            assignment = self.assign(prompt_tokens, max_tokens)
+            assignment = self.assign(prompt_tokens, max_tokens, policy, n)
         except RequestTooLong:
             metrics.REJECTIONS.labels("too_long").inc()
             raise
         except ValueError:
             metrics.REJECTIONS.labels("bad_request").inc()
             raise
-        self.in_flight[assignment.key] += 1
-        self.served[assignment.key] += 1
+        self._count(assignment)
         fs = assignment.set
         metrics.PROMPT_TOKENS.labels(fs.name, str(fs.version)).observe(prompt_tokens)
         return assignment
+
+    def _count(self, assignment: Assignment) -> None:
+        self.in_flight[assignment.key] += 1
+        self.served[assignment.key] += 1
 
     async def generate(
         self,
@@ -226,7 +372,14 @@ class LongRopeEngine:
         ``prompt`` must be tokenised (``{"prompt_token_ids": [...]}``), as vLLM's serving layer passes it.
         It may carry an assignment made earlier by :meth:`admit` (the HTTP layer admits at render time,
         before response headers go out). Otherwise ``requested_max_tokens`` is what the client asked for
-        (None: nothing); by default the sampling params' max_tokens counts as asked for.
+        (None: nothing); by default the sampling params' max_tokens counts as asked for, and the policy is
+        ``extra_args["longrope_policy"]`` or the engine's default.
+
+        Under the ``upgrade`` policy a request runs in phases: when it reaches its set's limit
+        (:func:`~server.policy.phase_limit`), the phase ends and a new engine request continues it under the
+        smallest larger set, its prompt being the original prompt plus every token generated so far — so its
+        KV cache is recomputed under the new set, with the new set's ``cache_salt``. The consumer sees one
+        request (:class:`PhaseJoiner`).
         """
         if not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
             raise TypeError("LongRopeEngine.generate needs a tokenised prompt ({'prompt_token_ids': [...]})")
@@ -236,30 +389,112 @@ class LongRopeEngine:
             assignment.started = True
         else:
             asked = sampling_params.max_tokens if requested_max_tokens == "from-params" else requested_max_tokens
-            assignment = self.admit(len(prompt["prompt_token_ids"]), asked)  # raises before anything runs
-        key = assignment.key
-        outcome, context = "error", assignment.prompt_tokens
+            policy = (sampling_params.extra_args or {}).get(POLICY_KEY)
+            n = getattr(sampling_params, "n", 1) or 1
+            assignment = self.admit(len(prompt["prompt_token_ids"]), asked, policy, n)  # raises before anything runs
+        budget = min(assignment.max_tokens, sampling_params.max_tokens or assignment.max_tokens)
+        prompt_ids = list(prompt["prompt_token_ids"])
+        user_salt = prompt.get("cache_salt")
+        joiner = PhaseJoiner(request_id, sampling_params.output_kind)
+        current = assignment
+        record: UpgradeRecord | None = None
+        outcome, started_at, first_token = "error", time.monotonic(), False
         try:
-            params = sampling_params.clone()
-            params.max_tokens = min(assignment.max_tokens, params.max_tokens or assignment.max_tokens)
-            params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: key}
-            user_salt = prompt.get("cache_salt")
-            prompt["cache_salt"] = assignment.cache_salt + (f"|{user_salt}" if user_salt else "")
-            self.assignments[request_id] = assignment
-            async for output in self.engine.generate(prompt, params, request_id, **kwargs):
-                context = assignment.prompt_tokens + max((len(o.token_ids) for o in output.outputs), default=0)
-                if output.finished:
+            phase = 0
+            while True:
+                done = len(joiner.tokens)
+                limit, can_move = phase_limit(current, self.table, len(prompt_ids) + done)
+                phase_max = min(budget - done, limit)
+                may_move = can_move and limit < budget - done
+                params = sampling_params.clone()
+                params.max_tokens = phase_max
+                params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: current.key}
+                phase_prompt = dict(prompt)
+                phase_prompt["cache_salt"] = current.cache_salt + (f"|{user_salt}" if user_salt else "")
+                phase_kwargs = kwargs
+                if phase > 0:
+                    phase_prompt.pop("prompt", None)
+                    phase_prompt["prompt_token_ids"] = prompt_ids + joiner.tokens
+                    params.prompt_logprobs = None
+                    params.min_tokens = max(0, (sampling_params.min_tokens or 0) - done)
+                    phase_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_text"}
+                engine_id = request_id if phase == 0 else f"{request_id}-up{phase}"
+                self._engine_ids[request_id] = engine_id
+                self.assignments[request_id] = current
+                move_to: FactorSet | None = None
+                async for output in self.engine.generate(phase_prompt, params, engine_id, **phase_kwargs):
+                    joiner.observe(output)
+                    if joiner.tokens_in_phase and record is not None and record.seconds is None:
+                        record.seconds = time.monotonic() - record.at
+                        record.cached_tokens = output.num_cached_tokens
+                        metrics.UPGRADE_RECOMPUTE_SECONDS.observe(record.seconds)
+                    if not first_token and joiner.tokens_in_phase:
+                        first_token = True
+                        metrics.TIME_TO_FIRST_TOKEN.labels(assignment.set.name).observe(time.monotonic() - started_at)
+                    if output.finished and may_move and joiner.phase_ended_at_limit(output, phase_max):
+                        move_to = self._move_target(current, len(prompt_ids) + len(joiner.tokens))
+                    shown = joiner.present(output, phase, continuing=move_to is not None)
+                    if shown is not None:
+                        yield shown
+                if move_to is None:
                     outcome = "finished"
-                yield output
+                    break
+                current, record = await self._upgrade(
+                    request_id, current, move_to, len(prompt_ids) + len(joiner.tokens)
+                )
+                joiner.next_phase()
+                phase += 1
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "aborted"
             raise
         finally:
-            fs = assignment.set
+            fs = current.set
             metrics.REQUESTS.labels(fs.name, str(fs.version), outcome).inc()
-            metrics.CONTEXT_TOKENS.labels(fs.name, str(fs.version)).observe(context)
+            metrics.CONTEXT_TOKENS.labels(fs.name, str(fs.version)).observe(len(prompt_ids) + len(joiner.tokens))
+            metrics.REQUEST_LATENCY.labels(fs.name).observe(time.monotonic() - started_at)
             self.assignments.pop(request_id, None)
-            await self.end_admission(assignment)
+            self._engine_ids.pop(request_id, None)
+            for phase_assignment in assignment.chain():
+                await self.end_admission(phase_assignment)
+
+    def _move_target(self, current: Assignment, seq_len: int) -> FactorSet | None:
+        """The set a request of ``seq_len`` tokens moves to when it outgrows ``current`` (None: stop here).
+        The live table decides: a set hot-loaded or retired meanwhile counts, and the target must leave room
+        for at least one more token."""
+        target = upgrade_target(self.table, seq_len)
+        if target is None or target.max_len <= current.set.max_len:
+            return None
+        trial = dataclasses.replace(current, set=target, upgraded_to=None)
+        return target if phase_limit(trial, self.table, seq_len)[0] >= 1 else None
+
+    async def _upgrade(
+        self, request_id: str, current: Assignment, target: FactorSet, seq_len: int
+    ) -> tuple[Assignment, UpgradeRecord]:
+        """Move a request to a larger set: count it there, end its count on the old version (whose rows
+        may then be freed), record and log the move. The caller recomputes the cache under the new set."""
+        moved = dataclasses.replace(current, set=target, started=True, ended=False, upgraded_to=None)
+        self._count(moved)
+        current.upgraded_to = moved
+        await self.end_admission(current)
+        record = UpgradeRecord(request_id, current.key, moved.key, seq_len, time.monotonic())
+        self.upgrade_log.append(record)
+        metrics.UPGRADES.labels(current.set.name, target.name).inc()
+        metrics.UPGRADE_RECOMPUTE_TOKENS.inc(seq_len)
+        logger.info(
+            "request %s outgrew %s (window %d) at %d tokens: moving to %s, recomputing its %d tokens",
+            request_id,
+            current.key,
+            current.set.max_len,
+            seq_len,
+            moved.key,
+            seq_len,
+        )
+        return moved, record
+
+    async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
+        """Abort requests by the ids their callers know (an upgraded request runs under another id)."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        await self.engine.abort([self._engine_ids.get(r, r) for r in ids], internal)
 
     async def end_admission(self, assignment: Assignment) -> None:
         """The request of an admission is over (or never reached the engine): stop counting it on its
@@ -355,32 +590,101 @@ class LongRopeEngine:
                     " load another set with a window that large before retiring it"
                 )
             self.table = rest
-            self._persist_state(retired=name)
+            self._persist_state(name, retired=True)
             await self._retire(current.label)
         metrics.HOT_LOADS.labels("retire", "ok").inc()
         metrics.publish_live_sets(list(self.table.sets))
         return current
 
-    async def _activate(self, fs: FactorSet) -> None:
+    async def _activate(self, fs: FactorSet, persist: bool = True) -> None:
         """Write the set into every worker, then swap it into the table (caller holds the lock)."""
         await self.engine.collective_rpc("longrope_load_set", args=(fs.model_dump(mode="json"),))
         self.retired_keys.discard(fs.label)
         current = self.table.get(fs.name)
         self.table = self.table.with_set(fs)
-        self._persist_state()
+        if persist:
+            self._persist_state(fs.name)
         metrics.publish_live_sets(list(self.table.sets))
         if current is not None and current.label != fs.label:
             await self._retire(current.label)
 
-    def _persist_state(self, retired: str | None = None) -> None:
+    def _persist_state(self, name: str, retired: bool = False) -> None:
+        """Record one name's change in ``live.json`` (read-modify-write of that name only, so replicas
+        sharing the registry do not undo each other's changes to other names)."""
         if self.registry is None:
             return
         state = self.registry.read_state()
-        state.live = {fs.name: fs.version or 1 for fs in self.table.sets}
-        if retired is not None:
-            state.retired.append(retired)
+        if retired:
+            state.live.pop(name, None)
+            state.retired.append(name)
+        else:
+            live = self.table.get(name)
+            if live is not None:
+                state.live[name] = live.version or 1
         state.retired = [n for n in state.retired if n not in state.live]
         self.registry.write_state(state)
+
+    # -- replicas sharing one registry
+    async def sync_from_registry(self) -> list[str]:
+        """Serve what the shared registry says is live: activate versions another replica loaded or rolled
+        back to, retire names it retired. Nothing is written. Returns what changed (for the log)."""
+        if self.registry is None:
+            return []
+        changes: list[str] = []
+        async with self._admin_lock:
+            state = self.registry.read_state()
+            for name, version in sorted(state.live.items()):
+                current = self.table.get(name)
+                if current is not None and current.version == version:
+                    continue
+                try:
+                    fs = self.history.get(name, {}).get(version) or self.registry.load_version(name, version)
+                    check_compatible(fs, self.model_rope)
+                    if fs.max_len > self.max_model_len:
+                        raise FactorSetError(f"window {fs.max_len} > this engine's {self.max_model_len} tokens")
+                    await self._activate(fs, persist=False)
+                except (FactorSetError, OSError, RuntimeError, MemoryError) as err:
+                    logger.error("REGISTRY SYNC: cannot serve %s@%d from the shared registry: %s", name, version, err)
+                    metrics.HOT_LOADS.labels("sync", "rejected").inc()
+                    continue
+                self.history.setdefault(name, {})[version] = fs
+                changes.append(f"{current.label if current else name} -> {fs.label}")
+            for name in state.retired:
+                current = self.table.get(name)
+                rest = self.table.without(name)
+                if current is None or name in state.live or not rest.sets or rest.largest_window < current.max_len:
+                    continue
+                self.table = rest
+                await self._retire(current.label)
+                changes.append(f"{current.label} retired")
+        if changes:
+            metrics.HOT_LOADS.labels("sync", "ok").inc(len(changes))
+            metrics.publish_live_sets(list(self.table.sets))
+            logger.info("registry sync: %s", "; ".join(changes))
+        return changes
+
+    async def watch_registry(self, interval: float) -> None:
+        """Poll the registry's live pointer every ``interval`` seconds and sync when it changed, so a set
+        loaded through any replica sharing the registry is served by all of them."""
+        if self.registry is None or interval <= 0:
+            return
+        live_file = self.registry.root / "live.json"
+        last: tuple[int, int] | None = None
+        logger.info("watching %s every %.1f s for sets loaded by other replicas", live_file, interval)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                st = live_file.stat()
+                seen = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                continue
+            if seen == last:
+                continue
+            try:
+                await self.sync_from_registry()
+                last = seen
+            except Exception:  # keep watching: a bad moment must not end replica sync for good
+                logger.exception("registry sync failed; retrying in %.1f s", interval)
 
     async def _retire(self, key: str) -> None:
         """Mark a version retired; its rows are released once no admitted request uses it (lock held)."""
@@ -402,4 +706,13 @@ class LongRopeEngine:
         return await self.engine.collective_rpc("longrope_status")
 
 
-__all__ = ["EngineSettings", "LongRopeEngine", "RequestTooLong", "UnknownSetError", "plan_engine_args", "startup_sets"]
+__all__ = [
+    "EngineSettings",
+    "LongRopeEngine",
+    "PhaseJoiner",
+    "UpgradeRecord",
+    "RequestTooLong",
+    "UnknownSetError",
+    "plan_engine_args",
+    "startup_sets",
+]

@@ -45,6 +45,7 @@ def publish_live_sets(sets: list) -> None:
     for fs in sets:
         LOADED_SETS.labels(fs.name, str(fs.version), str(fs.max_len)).set(1)
 
+
 # Upgrade by recompute (policy ``upgrade``): a request that outgrows its set moves to a larger one.
 UPGRADE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 UPGRADES = Counter(
@@ -60,4 +61,18 @@ UPGRADE_RECOMPUTE_SECONDS = Histogram(
     "longrope_upgrade_recompute_seconds",
     "Time from an upgrade to the first token generated under the larger set (the recompute prefill)",
     buckets=UPGRADE_SECONDS_BUCKETS,
+)
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+REQUEST_LATENCY = Histogram(
+    "longrope_request_latency_seconds",
+    "Time from admission to the request's end, by the factor set it finished on",
+    ["factor_set"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "longrope_time_to_first_token_seconds",
+    "Time from admission to the first generated token, by the factor set the request started on",
+    ["factor_set"],
+    buckets=LATENCY_BUCKETS,
 )

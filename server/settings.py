@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .policy import DEFAULT_POLICY, Policy
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LONGROPE_", extra="ignore")
@@ -20,6 +22,12 @@ class ServerSettings(BaseSettings):
     factors: list[str] = Field(default_factory=list, description="factor files or folders loaded at start")
     registry: str | None = Field(None, description="folder where loaded sets persist across restarts")
     default_reserve: int = Field(256, ge=1, description="generation budget assumed when a request gives no max_tokens")
+    policy: Policy = Field(DEFAULT_POLICY, description="upgrade | reserve | pin (see docs/upgrades.md)")
+    registry_watch: float = Field(
+        2.0, ge=0, description="seconds between checks of the registry for sets loaded by other replicas (0: off)"
+    )
+    admin_host: str = Field("127.0.0.1", description="interface of the separate admin port")
+    admin_port: int | None = Field(None, ge=1, le=65535, description="serve the admin API only on this port")
     rope_table_rows: int | None = Field(None, ge=1, description="rows of the shared cos/sin table")
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin API (off when unset)")
     admin_token_file: Path | None = Field(None, description="file holding the admin token (e.g. a mounted secret)")

@@ -36,11 +36,22 @@ class LoopThread:
 
 
 async def collect(
-    engine: Any, ids: list[int], request_id: str, max_tokens: int | None, prompt_logprobs: bool = True, **kw: Any
+    engine: Any,
+    ids: list[int],
+    request_id: str,
+    max_tokens: int | None,
+    prompt_logprobs: bool = True,
+    policy: str | None = None,
+    **kw: Any,
 ) -> Any:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=0 if prompt_logprobs else None)
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=max_tokens,
+        prompt_logprobs=0 if prompt_logprobs else None,
+        extra_args={"longrope_policy": policy} if policy else None,
+    )
     final = None
     async for out in engine.generate({"prompt_token_ids": ids}, params, request_id, **kw):
         final = out

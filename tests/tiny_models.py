@@ -48,9 +48,19 @@ def make_tiny_llama(folder: Path, tokenizer_dir: Path, *, max_position_embedding
 
 
 def make_tiny_phi3(
-    folder: Path, tokenizer_dir: Path, *, original: int = 128, max_position_embeddings: int = 1024, seed: int = 0
+    folder: Path,
+    tokenizer_dir: Path,
+    *,
+    original: int = 128,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+    qk_scale: float = 6.0,
 ) -> Path:
-    """Phi-3-style model with a ``longrope`` config (short + long factors), 2 layers, fp32."""
+    """Phi-3-style model with a ``longrope`` config (short + long factors), 2 layers, fp32.
+
+    Query and key weights are scaled by ``qk_scale`` so attention is sharp enough for the rotary factors to
+    change greedy tokens (at the default init a random 2-layer model's next token barely depends on
+    positions: short and long factors gave the same 28 greedy tokens; ×6 changed 26 of 28)."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -74,4 +84,7 @@ def make_tiny_phi3(
     model = Phi3ForCausalLM(cfg)
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 0.5)
+        q_and_k = (cfg.num_attention_heads + cfg.num_key_value_heads) * head_dim  # qkv_proj rows: q, k, v
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[:q_and_k] *= qk_scale
     return _save(model, folder, tokenizer_dir)

@@ -29,7 +29,9 @@ def test_completion_reports_its_set(client: openai.OpenAI, length: int, max_toke
 
 
 def test_without_max_tokens_smallest_set_and_capped_generation(client: openai.OpenAI) -> None:
-    raw = client.completions.with_raw_response.create(model="tiny", prompt=ids_of(200, 3), temperature=0)
+    raw = client.completions.with_raw_response.create(
+        model="tiny", prompt=ids_of(200, 3), temperature=0, extra_body={"vllm_xargs": {"longrope_policy": "reserve"}}
+    )
     assert raw.headers["x-longrope-factor-set"] == "original@1"  # 200 + reserve 16 ≤ 256
     completion = raw.parse()
     assert completion.usage.completion_tokens <= 56  # capped at the set's window of 256

@@ -21,7 +21,7 @@ def reference(tiny_llama: Path) -> TorchReference:
     return TorchReference(str(tiny_llama))
 
 
-# (prompt length, max_tokens, expected set): the policy picks the smallest window ≥ prompt + max_tokens
+# (prompt length, max_tokens, expected set): the smallest window ≥ prompt (+ max_tokens under ``reserve``)
 CASES = [(100, GREEDY_TOKENS, "original"), (400, GREEDY_TOKENS, "mid"), (1500, GREEDY_TOKENS, "nhat")]
 
 
@@ -71,11 +71,12 @@ def test_mixed_batch_matches_reference(engine, loop, reference) -> None:
 
 def test_prefix_cache_is_not_shared_across_sets(engine, loop) -> None:
     ids = ids_of(300, seed=7)  # two full KV blocks of 128 tokens (the CPU backend's block size)
-    assert engine.assign(300, 4).set.name == "mid" and engine.assign(300, 800).set.name == "nhat"
+    assert engine.assign(300, 4).set.name == "mid" and engine.assign(300, 800, "reserve").set.name == "nhat"
     first = loop.run(collect(engine, ids, "pc-a1", 4, prompt_logprobs=False))
     again = loop.run(collect(engine, ids, "pc-a2", 4, prompt_logprobs=False))
     assert first.num_cached_tokens == 0 and again.num_cached_tokens >= 256  # same set: hit
-    other = loop.run(collect(engine, ids, "pc-b", 800, prompt_logprobs=False))  # same prompt under nhat
+    # the same prompt admitted on nhat (reserve: prompt + max_tokens > mid's window)
+    other = loop.run(collect(engine, ids, "pc-b", 800, prompt_logprobs=False, policy="reserve"))
     assert other.num_cached_tokens == 0, "a request of another set reused cached blocks"
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from engine_harness import ENGINE_KWARGS, collect, ids_of, max_logprob_error, prompt_logprob_list
-from tiny_models import make_tiny_phi3
 
 pytestmark = pytest.mark.engine
 
@@ -41,37 +40,20 @@ def test_identity_set_equals_stock_vllm(engine, loop, stock_outputs) -> None:
         assert max_logprob_error(got, ref) <= 1
 
 
-@pytest.fixture(scope="module")
-def phi3(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_phi3(
-        tmp_path_factory.mktemp("tiny-phi3"), default_model, original=128, max_position_embeddings=1024
-    )
-
-
-def test_phi3_longrope_config_short_and_long(loop, phi3: Path) -> None:
+def test_phi3_longrope_config_short_and_long(loop, phi3_engine, hf_phi3) -> None:
     """Sets come from the model's own longrope config; each equals HF transformers' Phi-3 forward,
     which uses the short factors up to the original length and the long factors beyond."""
-    from transformers import AutoModelForCausalLM
-
-    from server.engine import EngineSettings, LongRopeEngine
-
-    settings = EngineSettings(model=str(phi3), default_reserve=8, engine_kwargs=dict(ENGINE_KWARGS))
-    eng = loop.run(LongRopeEngine.start(settings))
-    try:
-        assert [fs.label for fs in eng.table.sets] == ["short@1", "long@1"]
-        hf = AutoModelForCausalLM.from_pretrained(str(phi3), dtype=torch.float32, attn_implementation="eager").eval()
-        for n, expected in ((100, "short"), (500, "long")):
-            ids = ids_of(n, n)
-            out = loop.run(collect(eng, ids, f"phi3-{n}", 8))
-            assert eng.assign(n, 8).set.name == expected
-            with torch.no_grad():
-                logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
-                ref = [logp[i - 1, ids[i]].item() for i in range(1, n)]
-                gen = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, n:].tolist()
-            got = prompt_logprob_list(out, ids)
-            diff = max(abs(a - b) for a, b in zip(got, ref, strict=True))
-            print(f"phi3 {expected}: max |Δ prompt logprob| vs HF = {diff:.2e}")
-            assert max_logprob_error(got, ref) <= 1
-            assert list(out.outputs[0].token_ids) == gen
-    finally:
-        eng.shutdown()
+    assert [fs.label for fs in phi3_engine.table.sets] == ["short@1", "long@1"]
+    for n, expected in ((100, "short"), (500, "long")):
+        ids = ids_of(n, n)
+        out = loop.run(collect(phi3_engine, ids, f"phi3-{n}", 8))
+        assert phi3_engine.assign(n, 8).set.name == expected
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_phi3(torch.tensor([ids])).logits[0].double(), -1)
+            ref = [logp[i - 1, ids[i]].item() for i in range(1, n)]
+            gen = hf_phi3.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, n:].tolist()
+        got = prompt_logprob_list(out, ids)
+        diff = max(abs(a - b) for a, b in zip(got, ref, strict=True))
+        print(f"phi3 {expected}: max |Δ prompt logprob| vs HF = {diff:.2e}")
+        assert max_logprob_error(got, ref) <= 1
+        assert list(out.outputs[0].token_ids) == gen
