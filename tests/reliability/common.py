@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from api.conftest import ADMIN_TOKEN
 from engine_harness import ids_of
+
+
+def run_slow(config: pytest.Config) -> bool:
+    """The longer variants were asked for: ``--run-slow`` (where a conftest registered it) or LONGROPE_RUN_SLOW=1."""
+    option = False
+    try:
+        option = bool(config.getoption("--run-slow"))
+    except ValueError:
+        pass
+    return option or os.environ.get("LONGROPE_RUN_SLOW", "") not in ("", "0")
+
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PAIRS = 32  # the tiny model: head_dim 64 → 32 frequency pairs

@@ -4,12 +4,12 @@ longer variants marked ``slow``."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from api.conftest import RunningServer, start_server
+from reliability.common import run_slow
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -17,16 +17,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addoption("--run-slow", action="store_true", default=False, help="run the longer 'slow' variants")
     except ValueError:  # already registered by another conftest
         pass
-
-
-def run_slow(config: pytest.Config) -> bool:
-    """The longer variants were asked for (option, where this conftest registered it, or environment)."""
-    option = False
-    try:
-        option = bool(config.getoption("--run-slow"))
-    except ValueError:
-        pass
-    return option or os.environ.get("LONGROPE_RUN_SLOW", "") not in ("", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

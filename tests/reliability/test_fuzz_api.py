@@ -18,8 +18,7 @@ import pytest
 import schemathesis
 from api.conftest import RunningServer
 from hypothesis import HealthCheck, given, settings
-from reliability.common import AUTH
-from reliability.conftest import run_slow
+from reliability.common import AUTH, run_slow
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from schemathesis.generation.modes import GenerationMode
 
