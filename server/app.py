@@ -379,13 +379,24 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
         engine.shutdown()
 
 
+def _configure_logging() -> None:
+    """Give longrope-serve's loggers (``longrope.*``) their own handler, as vLLM does for ``vllm.*``: the
+    root logger's setup does not survive vLLM's app start-up (our log lines after it were lost)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("longrope")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU backend otherwise reserves 92% of RAM for the KV cache and refuses to start when less is
     # free; 4 GiB holds 32k tokens of the default model in fp32 many times over. Only the CPU build reads it.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     try:
         settings = ServerSettings()
     except ValueError as err:

@@ -76,3 +76,16 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["factor_set"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+def _zero_known_labels() -> None:
+    """Create the label combinations known in advance at 0, so Prometheus's rate()/increase() see the first
+    event of each (a series that appears with value 1 has no earlier sample to count from)."""
+    for reason in ("too_long", "bad_request"):
+        REJECTIONS.labels(reason)
+    for action in ("load", "rollback", "retire", "sync"):
+        for result in ("ok", "rejected"):
+            HOT_LOADS.labels(action, result)
+
+
+_zero_known_labels()
