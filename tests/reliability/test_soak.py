@@ -2,7 +2,7 @@
 rollback happen in the middle. Nothing fails, every response names set@versions that were live while it
 was in flight, and greedy outputs of probes on sets no load touched are identical before and after.
 
-CI runs 120 requests; --run-slow (or LONGROPE_RUN_SLOW=1) runs 300."""
+CI runs 300 requests; --run-slow (or LONGROPE_RUN_SLOW=1) runs 3,000."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ async def soak(base: str, total: int) -> tuple[list[Outcome], list[AdminEvent], 
 
 
 def test_soak_with_hot_loads_and_rollback(rel_server: RunningServer, request: pytest.FixtureRequest) -> None:
-    total = 300 if run_slow(request.config) else 120
+    total = 3000 if run_slow(request.config) else 300
     before = probe_outputs(rel_server.base)
     outcomes, events, seconds = asyncio.run(soak(rel_server.base, total))
     after = probe_outputs(rel_server.base)
