@@ -102,6 +102,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         high=args.high,
         n_hat_choices=tuple(args.n_hat_choices),
         mscale=args.mscale,
+        seed_methods=tuple(args.seed_methods),
         time_budget_s=args.time_budget * 60 if args.time_budget else None,
     )
     ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
@@ -118,6 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             checkpoint_dir=ckdir,
             resume=args.resume,
             progress=not args.no_progress,
+            window_seed=args.window_seed,
         )
         long = chain[-1]
         for fs in chain[:-1]:
@@ -135,8 +137,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             checkpoint=ckpt,
             resume=args.resume,
             progress=not args.no_progress,
+            window_seed=args.window_seed,
         )
-    long = _with_table(ev, long, args, [args.target_len])
+    long = _with_table(ev, long, args, [args.target_len], baselines=tuple(args.table_baselines))
     _write(long, args.output)
     if args.short:
         short_cfg = SearchConfig(
@@ -160,6 +163,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             checkpoint=ckdir / f"{args.name}-short.ckpt.json" if ckdir else None,
             resume=args.resume,
             progress=not args.no_progress,
+            window_seed=args.window_seed,
         )
         short = _with_table(ev, short, args, [geo.original_max_len], baselines=("identity",))
         _write(short, args.short_output)
@@ -310,6 +314,12 @@ def add_search_commands(sub: Any) -> None:
     p.add_argument("--low", type=float, default=1.0, help="lower bound of every λ_i")
     p.add_argument("--high", type=float, help="upper bound of every λ_i (default: 2 × the extension ratio, ≥ 2)")
     p.add_argument("--n-hat-choices", type=_ints_or_zero, default=list(N_HAT_CHOICES), help="allowed n̂ values")
+    p.add_argument(
+        "--seed-methods",
+        type=lambda t: [m for m in t.split(",") if m],
+        default=["pi", "ntk", "yarn"],
+        help="baselines whose λ seed the initial population (identity, pi, ntk, yarn)",
+    )
     p.add_argument("--mscale", type=float, help="attention scale (default: LongRoPE's sqrt(1 + ln s / ln L))")
     p.add_argument("--time-budget", type=float, help="minutes; stop after the generation that passes it")
     p.add_argument("--checkpoint-dir", help="write a resumable checkpoint per stage here after every generation")
@@ -323,6 +333,12 @@ def add_search_commands(sub: Any) -> None:
     p.add_argument("--short-parents", type=int, help="parents of the short search (default --parents)")
     p.add_argument("--short-generations", type=int, help="generations of the short search (default --generations)")
     p.add_argument("--table-text", help="after the search, measure set vs baselines on this text (" + TEXT_HELP + ")")
+    p.add_argument(
+        "--table-baselines",
+        type=lambda t: [m for m in t.split(",") if m],
+        default=["identity", "pi", "ntk", "yarn"],
+        help="baselines measured beside the long set in that table",
+    )
     p.add_argument("--table-samples", type=int, default=4, help="windows for that table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)

@@ -71,6 +71,7 @@ def progressive(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    window_seed: int = 0,
 ) -> list[FactorSet]:
     """A chain of searches, one per target length in increasing order; stage k+1 is seeded with
     PI/NTK/YaRN at its length plus stage k's best λ stretched to it."""
@@ -89,6 +90,7 @@ def progressive(
             resume=resume,
             extra_seeds=extra,
             progress=progress,
+            window_seed=window_seed,
         )
         out.append(fs)
     return out
@@ -106,6 +108,7 @@ def short_readjust(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    window_seed: int = 0,
 ) -> FactorSet:
     """Search at the original window: seeds are the identity (the model's own in-window ppl) and
     softened versions of the long set's λ (λ^0.5, λ^0.25), so the result never measures worse than
@@ -129,5 +132,6 @@ def short_readjust(
         resume=resume,
         extra_seeds=extra,
         progress=progress,
+        window_seed=window_seed,
     )
     return fs
