@@ -122,17 +122,17 @@ def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
     }
 
 
-def build_admin_router(engine: LongRopeEngine, token: str | None) -> APIRouter:
-    """The /admin routes. ``token`` None: every admin route answers 404 (the API is off, never open)."""
+ADMIN_OFF = "the admin API is off: start the server with LONGROPE_ADMIN_TOKEN or --admin-token-file"
+
+
+def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: str = ADMIN_OFF) -> APIRouter:
+    """The /admin routes. ``token`` None: every admin route answers 404 with ``off_message`` (the API is off
+    here, never open)."""
     router = APIRouter(prefix="/admin", tags=["admin"], responses=ERROR_RESPONSES)
 
     async def require_admin(request: Request) -> None:
         if token is None:
-            raise AdminError(
-                404,
-                "the admin API is off: start the server with LONGROPE_ADMIN_TOKEN or --admin-token-file",
-                "not_found",
-            )
+            raise AdminError(404, off_message, "not_found")
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
@@ -322,7 +322,7 @@ def install_error_shape(app: Any) -> None:
     app.add_exception_handler(StarletteHTTPException, _framework_error)
 
 
-def install_admin(app: Any, engine: LongRopeEngine, token: str | None) -> None:
+def install_admin(app: Any, engine: LongRopeEngine, token: str | None, off_message: str = ADMIN_OFF) -> None:
     """Mount the admin routes and their OpenAI-shaped error handlers on ``app`` (vLLM's app, or a
     separate admin app on its own port)."""
 
@@ -334,4 +334,4 @@ def install_admin(app: Any, engine: LongRopeEngine, token: str | None) -> None:
 
     app.add_exception_handler(AdminError, handle)
     install_error_shape(app)
-    app.include_router(build_admin_router(engine, token))
+    app.include_router(build_admin_router(engine, token, off_message))

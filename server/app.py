@@ -79,6 +79,27 @@ def _fields(holder: list[Assignment]) -> dict[str, str]:
     return {BODY_FIELD: label, **({UPGRADES_FIELD: upgrades} if upgrades else {})}
 
 
+RETRY_AFTER = (b"retry-after", b"30")
+
+
+async def _send_engine_dead(send: Any) -> None:
+    """503 in OpenAI's error shape: the engine process died; the server is stopping (a supervisor restarts it)."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": "the inference engine has stopped (engine process died); the server is shutting down"
+                " — retry against a healthy replica or after the restart",
+                "type": "ServiceUnavailableError",
+                "param": None,
+                "code": 503,
+            }
+        }
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), RETRY_AFTER]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class FactorSetHeaderMiddleware:
     """Pure ASGI middleware: every response of an admitted request says which set served it.
 
@@ -94,9 +115,15 @@ class FactorSetHeaderMiddleware:
         self.app = app
         self.engine = engine
 
+    def _engine_dead(self) -> bool:
+        return bool(getattr(self.engine.engine, "errored", False))
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self._engine_dead() and scope.get("path", "").startswith("/v1/"):
+            await _send_engine_dead(send)
             return
         holder: list[Assignment] = []
         token = _admitted.set(holder)
@@ -111,6 +138,9 @@ class FactorSetHeaderMiddleware:
 
         async def send_annotated(message: dict) -> None:
             if message["type"] == "http.response.start":
+                if message.get("status") == 500 and self._engine_dead():
+                    # vLLM answers a request cut off by the engine's death with 500; it is unavailability
+                    message = {**message, "status": 503, "headers": [*message.get("headers", []), RETRY_AFTER]}
                 if not holder:
                     await send(message)
                     return
@@ -357,7 +387,10 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
             logger.warning("admin API is off (no LONGROPE_ADMIN_TOKEN / --admin-token-file)")
             install_admin(app, engine, None)
         elif args.admin_port:
-            install_admin(app, engine, None)  # the main port answers 404 for /admin
+            moved = (
+                f"the admin API is not on this port: it is served on {args.admin_host}:{args.admin_port} (--admin-port)"
+            )
+            install_admin(app, engine, None, moved)  # the main port answers 404 for /admin
             background.append(
                 asyncio.create_task(
                     serve_admin_port(engine, admin_token, args.admin_host, args.admin_port, args.uvicorn_log_level)

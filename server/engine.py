@@ -10,6 +10,7 @@ after its last request ends. Everything else is delegated to the wrapped ``Async
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import json
@@ -533,6 +534,10 @@ class LongRopeEngine:
             known = max(known, self.registry.latest_version(name))
         return known
 
+    def _registry_lock(self) -> contextlib.AbstractAsyncContextManager:
+        """The registry's cross-process lock (replicas share the folder), or nothing without a registry."""
+        return self.registry.exclusive() if self.registry is not None else contextlib.nullcontext()
+
     def _live(self, name: str) -> FactorSet:
         current = self.table.get(name)
         if current is None:
@@ -545,8 +550,8 @@ class LongRopeEngine:
         t0 = time.monotonic()
         try:
             self.validate_new_set(fs)
-            async with self._admin_lock:
-                self.validate_new_set(fs)  # again, under the lock (another load may have won the race)
+            async with self._admin_lock, self._registry_lock():
+                self.validate_new_set(fs)  # again, under the locks (another load may have won the race)
                 versioned = fs.with_updates(version=fs.version or self._latest_version(fs.name) + 1)
                 saved = self.registry.save_version(versioned) if self.registry is not None else None
                 try:
@@ -566,7 +571,7 @@ class LongRopeEngine:
 
     async def rollback_set(self, name: str) -> FactorSet:
         """Make the version before the live one live again."""
-        async with self._admin_lock:
+        async with self._admin_lock, self._registry_lock():
             current = self._live(name)
             older = sorted(v for v in self.history.get(name, {}) if v < (current.version or 1))
             if not older:
@@ -579,7 +584,7 @@ class LongRopeEngine:
 
     async def retire_set(self, name: str) -> FactorSet:
         """Stop admitting requests to a set; refused if it is the only set reaching its window."""
-        async with self._admin_lock:
+        async with self._admin_lock, self._registry_lock():
             current = self._live(name)
             rest = self.table.without(name)
             if not rest.sets:
@@ -589,8 +594,8 @@ class LongRopeEngine:
                     f"{current.label} is the only set serving {rest.largest_window + 1}–{current.max_len} tokens;"
                     " load another set with a window that large before retiring it"
                 )
-            self.table = rest
             self._persist_state(name, retired=True)
+            self.table = rest
             await self._retire(current.label)
         metrics.HOT_LOADS.labels("retire", "ok").inc()
         metrics.publish_live_sets(list(self.table.sets))
@@ -599,16 +604,22 @@ class LongRopeEngine:
     async def _activate(self, fs: FactorSet, persist: bool = True) -> None:
         """Write the set into every worker, then swap it into the table (caller holds the lock)."""
         await self.engine.collective_rpc("longrope_load_set", args=(fs.model_dump(mode="json"),))
-        self.retired_keys.discard(fs.label)
         current = self.table.get(fs.name)
-        self.table = self.table.with_set(fs)
         if persist:
-            self._persist_state(fs.name)
+            try:
+                self._persist_state(fs.name, version=fs.version or 1)
+            except BaseException:
+                # the registry still names the old version live: so must this server; free the new rows
+                if current is None or current.label != fs.label:
+                    await self.engine.collective_rpc("longrope_release_set", args=(fs.label,))
+                raise
+        self.retired_keys.discard(fs.label)
+        self.table = self.table.with_set(fs)
         metrics.publish_live_sets(list(self.table.sets))
         if current is not None and current.label != fs.label:
             await self._retire(current.label)
 
-    def _persist_state(self, name: str, retired: bool = False) -> None:
+    def _persist_state(self, name: str, version: int | None = None, retired: bool = False) -> None:
         """Record one name's change in ``live.json`` (read-modify-write of that name only, so replicas
         sharing the registry do not undo each other's changes to other names)."""
         if self.registry is None:
@@ -617,10 +628,8 @@ class LongRopeEngine:
         if retired:
             state.live.pop(name, None)
             state.retired.append(name)
-        else:
-            live = self.table.get(name)
-            if live is not None:
-                state.live[name] = live.version or 1
+        elif version is not None:
+            state.live[name] = version
         state.retired = [n for n in state.retired if n not in state.live]
         self.registry.write_state(state)
 

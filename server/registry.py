@@ -17,10 +17,15 @@ is skipped with an ERROR naming the file, and an unreadable ``live.json`` is kep
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from factors.schema import NAME_PATTERN, FactorSet, FactorSetError
 logger = logging.getLogger("longrope.registry")
 
 LIVE_FILE = "live.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -159,10 +165,39 @@ class Registry:
         return list(out.values())
 
     # -- writing
+    @contextlib.asynccontextmanager
+    async def exclusive(self, timeout: float = 30.0) -> AsyncIterator[None]:
+        """Hold the registry's lock file (``flock``) while picking a version number and writing, so servers
+        sharing the folder never write the same version twice or undo each other's ``live.json`` change.
+        Polls without blocking the event loop."""
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise FactorSetError(
+                            f"the registry {self.root} stayed locked for {timeout:.0f} s (another server writing?);"
+                            " try again"
+                        ) from None
+                    await asyncio.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
     def save_version(self, fs: FactorSet) -> Path:
+        """Write a new version file; an existing version is never overwritten (versions are immutable)."""
         if fs.version is None:
             raise ValueError("only versioned sets go into the registry")
         path = self.version_path(fs.name, fs.version)
+        if path.exists():
+            raise FactorSetError(f"{fs.label} already exists in the registry {self.root}; versions are immutable")
         atomic_write_text(path, factor_set_json(fs))
         return path
 

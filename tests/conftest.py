@@ -64,3 +64,12 @@ def set_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_set(folder, "mid", mid_factors(), 1024)
     write_set(folder, "nhat", nhat_factors(), 2048, n_hat=4, mscale=1.25)
     return folder
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run the longer variants (e.g. the 3,000-request soak)",
+    )
