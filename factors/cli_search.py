@@ -227,7 +227,10 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     out = []
     for fs in sets:
         for length in args.lengths:
-            results = ev.passkey(fs, length, depths=args.depths, trials=args.trials, seed=args.seed)
+            try:
+                results = ev.passkey(fs, length, depths=args.depths, trials=args.trials, seed=args.seed)
+            except ValueError as err:
+                raise FactorSetError(f"passkey at {length}: {err}") from None
             acc = sum(r.correct for r in results) / len(results)
             out.append(
                 {

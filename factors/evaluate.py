@@ -255,15 +255,20 @@ def passkey_prompt(ev: Evaluator, length: int, depth: float, key: str) -> tuple[
     answer = ev.tokenize(f" {key}")
     fixed = ev.tokenize(TASK + needle + question).numel() + answer.numel()
     per_filler = max(1, ev.tokenize(FILLER * 8).numel() / 8)
-    repeats = max(1, int((length - fixed) / per_filler))
+    repeats = max(0, int((length - fixed) / per_filler))
     before = round(repeats * depth)
     text = TASK + FILLER * before + needle + FILLER * (repeats - before) + question
     prompt = ev.tokenize(text)
     over = prompt.numel() + answer.numel() - length
-    while over > 0 and repeats > 1:  # tokenizers merge across repeats; trim to fit
-        repeats -= max(1, int(over / per_filler))
+    while over > 0 and repeats > 0:  # tokenizers merge across repeats; trim to fit
+        repeats = max(0, repeats - max(1, math.ceil(over / per_filler)))
         before = round(repeats * depth)
         text = TASK + FILLER * before + needle + FILLER * (repeats - before) + question
         prompt = ev.tokenize(text)
         over = prompt.numel() + answer.numel() - length
+    if over > 0:
+        raise ValueError(
+            f"a passkey prompt needs at least {prompt.numel() + answer.numel()} tokens with no filler;"
+            f" {length} is too short"
+        )
     return prompt, answer

@@ -209,3 +209,20 @@ def test_cli_help_lists_search_commands():
     text = build_parser().format_help()
     for cmd in ("search", "eval", "passkey", "plot-ppl"):
         assert cmd in text
+
+
+def test_passkey_prompt_fits_the_length_and_hides_the_key(ev):
+    from factors.evaluate import passkey_prompt
+
+    for depth in (0.0, 0.5, 1.0):
+        prompt, answer = passkey_prompt(ev, 1024, depth, "12345")
+        total = prompt.numel() + answer.numel()
+        assert 1024 - 100 <= total <= 1024
+        text = ev.detokenize(prompt.tolist())
+        where = text.index("The pass key is 12345") / len(text)
+        assert abs(where - depth) < 0.2 and text.endswith("The pass key is")
+        assert ev.detokenize(answer.tolist()) == " 12345"
+    results = ev.passkey(None, 512, depths=(0.5,), trials=2, seed=0)
+    assert len(results) == 2 and all(r.tokens <= 512 and len(r.key) == 5 for r in results)
+    with pytest.raises(ValueError, match="too short"):
+        passkey_prompt(ev, 128, 0.5, "12345")
