@@ -226,3 +226,15 @@ def test_passkey_prompt_fits_the_length_and_hides_the_key(ev):
     assert len(results) == 2 and all(r.tokens <= 512 and len(r.key) == 5 for r in results)
     with pytest.raises(ValueError, match="too short"):
         passkey_prompt(ev, 128, 0.5, "12345")
+
+
+def test_shipped_smollm2_sets_fit_the_default_model(default_model):
+    folder = ROOT / "factors" / "data" / "smollm2-135m"
+    rope = read_model_rope(default_model)
+    long = load_json_set(folder / "longrope-16k.json", monotone="reject")
+    short = load_json_set(folder / "longrope-short-8k.json", monotone="reject")
+    for fs in (long, short):
+        check_compatible(fs, rope)
+    assert long.max_len == 2 * short.max_len == 16384
+    metrics = long.provenance.metrics
+    assert long.provenance.method == "longrope-search" and metrics["ppl"] <= metrics["seed_ppl"]["yarn"]
