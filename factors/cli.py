@@ -20,6 +20,7 @@ from .formats import (
     longrope_csv,
     read_model_rope,
 )
+from .plotting import save_figure
 from .rope import cos_sin
 from .schema import FactorSet, FactorSetError
 
@@ -187,12 +188,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     ax.set_yscale("log" if args.log else "linear")
     ax.set_title(args.title or "LongRoPE factors")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return save_figure(fig, ax, args.output)
 
 
 def _positions(text: str) -> list[int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import factor_set_json, load_any, save_json_set
+from .plotting import save_figure
 from .schema import FactorSet, FactorSetError
 from .search import N_HAT_CHOICES, SearchConfig
 
@@ -276,12 +277,7 @@ def cmd_plot_ppl(args: argparse.Namespace) -> int:
         ax.axvline(args.window, color="grey", linestyle=":", label=f"trained window ({args.window})")
     ax.set_title(args.title or "perplexity against length")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return save_figure(fig, ax, args.output)
 
 
 # -- parser ---------------------------------------------------------------------------------------

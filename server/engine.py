@@ -117,14 +117,18 @@ class PhaseJoiner:
         self._reset_phase()
 
     def _reset_phase(self) -> None:
-        self.phase_tokens: list[int] = []
-        self.phase_text = ""
+        self.phase_tokens: Any = []  # DELTA: our list of the deltas; otherwise vLLM's cumulative sequence
+        self._text_parts: list[str] = []
         self.phase_logprobs: Any = None
         self.phase_cumulative: float | None = None
 
     @property
     def tokens(self) -> list[int]:
-        return self.done_tokens + self.phase_tokens
+        return [*self.done_tokens, *self.phase_tokens]
+
+    @property
+    def phase_text(self) -> str:
+        return "".join(self._text_parts)
 
     @property
     def tokens_in_phase(self) -> int:
@@ -137,11 +141,16 @@ class PhaseJoiner:
             return
         c = output.outputs[0]
         if self.delta:
+            # appended in place: a streamed request's outputs must not cost time quadratic in its length
             self.phase_tokens.extend(c.token_ids)
-            self.phase_text += c.text
-            self.phase_logprobs = _join_logprobs(self.phase_logprobs, c.logprobs)
-        else:
-            self.phase_tokens, self.phase_text, self.phase_logprobs = list(c.token_ids), c.text, c.logprobs
+            self._text_parts.append(c.text)
+            if c.logprobs is not None:
+                if self.phase_logprobs is None:
+                    self.phase_logprobs = copy.copy(c.logprobs)
+                else:
+                    self.phase_logprobs.extend(c.logprobs)
+        else:  # each output holds the whole phase so far: keep references, copy nothing
+            self.phase_tokens, self._text_parts, self.phase_logprobs = c.token_ids, [c.text], c.logprobs
         self.phase_cumulative = c.cumulative_logprob
 
     def phase_ended_at_limit(self, output: Any, phase_max: int) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from api.conftest import ADMIN_TOKEN, RunningServer, start_server
+from api.conftest import ADMIN_TOKEN, RunningServer, _free_port, start_server
 from deploy_files import PROMETHEUS_CONFIG, dashboard_queries, iter_panels, load_dashboard, substitute
 from engine_harness import ids_of
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.engine
 
 JOB = "longrope-serve"
 HOT_SET = "deploy-check"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
