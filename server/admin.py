@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
 
-from .engine import LongRopeEngine, UnknownSetError
+from .engine import LongRopeEngine, UnknownSetError, WorkerSetError
 
 logger = logging.getLogger("longrope.admin")
 
@@ -62,7 +62,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong admin token"),
         (404, "unknown set, or the admin API is off"),
         (413, "body over the size limit"),
-        (507, "no room left in the RoPE table"),
+        (500, "a worker of the engine could not take the set (nothing was changed)"),
     )
 }
 
@@ -193,8 +193,8 @@ async def _checked_async(fn: Any, *args: Any) -> Any:
         raise AdminError(404, str(err), "not_found") from None
     except FactorSetError as err:
         raise AdminError(400, str(err), "invalid_factor_set") from None
-    except MemoryError as err:
-        raise AdminError(507, str(err), "insufficient_storage") from None
+    except WorkerSetError as err:
+        raise AdminError(500, str(err), "worker_error") from None
 
 
 async def _read_body(request: Request) -> bytes:

@@ -3,9 +3,9 @@
 vLLM's own app is reused as it is (``build_app`` + ``init_app_state``: chat templates, streaming,
 logprobs, usage, ``/v1/models``, ``/health``, ``/metrics``); two things are added:
 
-- the completion and chat serving objects' ``render_*_request`` methods are wrapped so that, once a
-  prompt is tokenised, the request is admitted to a factor set (and refused with an OpenAI-shaped 400
-  when no window holds it) before any response header is sent;
+- admission (:func:`server.vllm_ext.frontend.install_admission`): once a prompt is tokenised, the request
+  is admitted to a factor set (and refused with an OpenAI-shaped 400 when no window holds it) before any
+  response header is sent;
 - an ASGI middleware adds ``x-longrope-factor-set: NAME@VERSION`` to the response, streamed or not.
 """
 
@@ -18,16 +18,25 @@ import json
 import logging
 import os
 import sys
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from factors.schema import FactorSetError
 
 from .admin import install_admin
-from .engine import ASSIGNMENT_KEY, POLICY_KEY, EngineSettings, LongRopeEngine
+from .engine import EngineSettings, LongRopeEngine
 from .policy import POLICIES, Assignment, RequestTooLong
 from .settings import ServerSettings
+from .vllm_ext import UnsupportedVllmVersion, check_vllm_version
+from .vllm_ext.frontend import (
+    add_outer_middleware,
+    add_vllm_args,
+    build_openai_app,
+    engine_kwargs_from_args,
+    install_admission,
+    new_parser,
+    serve_openai_app,
+)
 
 logger = logging.getLogger("longrope.app")
 
@@ -177,87 +186,15 @@ class FactorSetHeaderMiddleware:
                     await self.engine.end_admission(assignment)
 
 
-def _policy_of(request: Any) -> str | None:
-    """The request's ``vllm_xargs: {"longrope_policy": ...}`` (None: the server's default)."""
-    xargs = getattr(request, "vllm_xargs", None) or {}
-    return xargs.get(POLICY_KEY)
-
-
-def _admit_inputs(
-    engine: LongRopeEngine, serving: Any, engine_inputs: list[Any], request: Any, requested: int | None
-) -> Any:
-    """Admit every tokenised prompt of a request; an OpenAI 400 if one does not fit."""
-    admitted = []
-    try:
-        policy, n = _policy_of(request), getattr(request, "n", 1) or 1
-        for ei in engine_inputs:
-            if isinstance(ei, dict) and "prompt_token_ids" in ei:
-                assignment = engine.admit(len(ei["prompt_token_ids"]), requested, policy, n)
-                ei[ASSIGNMENT_KEY] = assignment
-                admitted.append(assignment)
-    except (RequestTooLong, ValueError) as err:
-        holder = _admitted.get()
-        if holder is not None:  # the middleware ends the admissions made before the failure
-            holder.extend(admitted)
-        return serving.create_error_response(str(err), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+def _record_admitted(assignments: list[Assignment]) -> None:
+    """Hand the admissions of the current HTTP request to its middleware (which labels and ends them)."""
     holder = _admitted.get()
     if holder is not None:
-        holder.extend(admitted)
-    return None
-
-
-def _wrap_render(engine: LongRopeEngine, serving: Any, method: str, inputs_of: Any, requested_of: Any) -> None:
-    """Wrap one serving object's render method: after tokenisation, admit every prompt or return the 400."""
-    original = getattr(serving, method)
-
-    async def render(request: Any) -> Any:
-        result = await original(request)
-        engine_inputs = inputs_of(result)
-        if engine_inputs is not None:
-            error = _admit_inputs(engine, serving, engine_inputs, request, requested_of(request))
-            if error is not None:
-                return error
-        return result
-
-    setattr(serving, method, render)
-
-
-def install_admission(engine: LongRopeEngine, state: Any) -> None:
-    """Admission around the completion and chat serving objects' render methods (vLLM 0.32 names)."""
-    completion = getattr(state, "openai_serving_completion", None)
-    if completion is not None:
-        _wrap_render(
-            engine,
-            completion,
-            "render_completion_request",
-            lambda result: result if isinstance(result, list) else None,
-            lambda request: request.max_tokens,
-        )
-    chat = getattr(state, "openai_serving_chat", None)
-    if chat is not None:
-        _wrap_render(
-            engine,
-            chat,
-            "render_chat_request",
-            lambda result: result[1] if isinstance(result, tuple) else None,
-            lambda request: request.max_completion_tokens or request.max_tokens,
-        )
-
-
-def _add_outer_middleware(app: Any, cls: type, **options: Any) -> None:
-    """Add an ASGI middleware to vLLM's app. ``build_app`` already built Starlette's middleware stack
-    (so ``add_middleware`` refuses); register ours and let Starlette rebuild the stack on first use."""
-    from starlette.middleware import Middleware
-
-    app.user_middleware.insert(0, Middleware(cls, **options))
-    app.middleware_stack = None
+        holder.extend(assignments)
 
 
 def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(
+    parser = new_parser(
         prog="longrope-serve",
         description=(
             "OpenAI-compatible server (vLLM 0.32) whose requests each get their own LongRoPE factor set, never "
@@ -310,12 +247,6 @@ def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
         ),
     )
     group.add_argument(
-        "--rope-table-rows",
-        type=int,
-        default=settings.rope_table_rows,
-        help="rows of the shared cos/sin table (default: twice the start-up sets' windows) [LONGROPE_ROPE_TABLE_ROWS]",
-    )
-    group.add_argument(
         "--admin-token-file",
         type=Path,
         default=settings.admin_token_file,
@@ -332,7 +263,7 @@ def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
         default=settings.admin_host,
         help="interface for --admin-port (default 127.0.0.1: local only) [LONGROPE_ADMIN_HOST]",
     )
-    make_arg_parser(parser)
+    add_vllm_args(parser)
     return parser
 
 
@@ -349,13 +280,6 @@ async def serve_admin_port(engine: LongRopeEngine, token: str, host: str, port: 
 
 
 async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | None) -> None:
-    from dataclasses import fields
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
-
     factor_paths = list(args.factors or [])
     if not model_given:
         from .default_model import ensure_default_model
@@ -363,14 +287,12 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
         args.model = str(ensure_default_model())
         args.served_model_name = args.served_model_name or ["smollm2-135m-instruct"]
         factor_paths = factor_paths or [str(DEFAULT_SETS_DIR)]
-    engine_args = AsyncEngineArgs.from_cli_args(args)
-    engine_kwargs = {f.name: getattr(engine_args, f.name) for f in fields(AsyncEngineArgs) if f.name != "model"}
+    engine_kwargs = engine_kwargs_from_args(args)
     settings = EngineSettings(
         model=args.model,
         factor_paths=factor_paths,
         default_reserve=args.default_reserve,
         policy=args.policy,
-        rope_table_rows=args.rope_table_rows,
         registry_dir=args.registry,
         engine_kwargs=engine_kwargs,
     )
@@ -378,11 +300,8 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
     args.max_model_len = engine.max_model_len
     background: list[asyncio.Task] = []
     try:
-        listen_address, sock = setup_server(args, reuse_port=False)
-        supported_tasks = await engine.get_supported_tasks()
-        app = build_app(args, supported_tasks, engine.model_config)
-        await init_app_state(engine, app.state, args, supported_tasks)
-        install_admission(engine, app.state)
+        app, sock, listen_address = await build_openai_app(engine, args)
+        install_admission(app.state, engine.admit, _record_admitted)
         if admin_token is None:
             logger.warning("admin API is off (no LONGROPE_ADMIN_TOKEN / --admin-token-file)")
             install_admin(app, engine, None)
@@ -400,12 +319,9 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
             install_admin(app, engine, admin_token)
         if args.registry and args.registry_watch > 0:
             background.append(asyncio.create_task(engine.watch_registry(args.registry_watch)))
-        _add_outer_middleware(app, FactorSetHeaderMiddleware, engine=engine)
+        add_outer_middleware(app, FactorSetHeaderMiddleware, engine=engine)
         logger.info("longrope-serve on %s; sets: %s; policy %s", listen_address, engine.table.describe(), args.policy)
-        shutdown_task = await serve_http(
-            app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level
-        )
-        await shutdown_task
+        await serve_openai_app(app, sock, args)
     finally:
         for task in background:
             task.cancel()
@@ -430,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
+    try:
+        check_vllm_version()
+    except UnsupportedVllmVersion as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         settings = ServerSettings()
     except ValueError as err:

@@ -3,7 +3,7 @@
 :class:`LongRopeEngine` is a drop-in engine client: vLLM's OpenAI serving layer (and the tests) call its
 ``generate`` as they would ``AsyncLLM.generate``; it assigns the request a set (policy), writes the set's
 ``name@version`` into ``SamplingParams.extra_args`` and the prompt's ``cache_salt``, caps generation at the
-set's window, and counts requests per set version so a replaced version's table rows are freed only
+set's window, and counts requests per set version so a replaced version is dropped from the workers only
 after its last request ends. Everything else is delegated to the wrapped ``AsyncLLM``.
 """
 
@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Iterable
@@ -40,7 +39,9 @@ from .policy import (
     upgrade_target,
 )
 from .registry import Registry
-from .vllm_patch import CONFIG_KEY, EXTENSION_QUALNAME, EXTRA_ARGS_KEY, PATCH_VERSION, VLLM_VERSION_TARGET
+from .vllm_ext import CONFIG_KEY, EXTENSION_QUALNAME, EXTRA_ARGS_KEY, PATCH_VERSION, POLICY_KEY
+from .vllm_ext.engine_client import output_modes, start_async_llm
+from .vllm_ext.frontend import ASSIGNMENT_KEY
 
 logger = logging.getLogger("longrope.engine")
 
@@ -49,8 +50,10 @@ class UnknownSetError(FactorSetError):
     """An admin call named a set that is not live."""
 
 
-ASSIGNMENT_KEY = "_longrope_assignment"  # an admitted Assignment riding on the prompt dict
-POLICY_KEY = "longrope_policy"  # per-request policy, in vllm_xargs (= SamplingParams.extra_args)
+class WorkerSetError(RuntimeError):
+    """A worker could not take a set; nothing changed (the other ranks dropped it again)."""
+
+
 
 
 # -- where sets come from at start --------------------------------------------------------------------
@@ -104,11 +107,8 @@ class PhaseJoiner:
     """
 
     def __init__(self, request_id: str, output_kind: Any) -> None:
-        from vllm.sampling_params import RequestOutputKind
-
         self.request_id = request_id
-        self.delta = output_kind == RequestOutputKind.DELTA
-        self.final_only = output_kind == RequestOutputKind.FINAL_ONLY
+        self.delta, self.final_only = output_modes(output_kind)
         self.first: Any = None
         self.done_tokens: list[int] = []
         self.done_text = ""
@@ -220,13 +220,12 @@ class EngineSettings:
     factor_paths: list[str] = field(default_factory=list)
     default_reserve: int = 256
     policy: Policy = DEFAULT_POLICY
-    rope_table_rows: int | None = None  # default: twice the start-up sets' windows
     registry_dir: str | None = None  # where loaded sets persist across restarts (None: memory only)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
 
 
 def plan_engine_args(settings: EngineSettings, model: ModelRope, sets: list[FactorSet]) -> dict[str, Any]:
-    """vLLM engine arguments for these sets: window, table size, plugin config, extension."""
+    """vLLM engine arguments for these sets: window, plugin config, extension."""
     kwargs = dict(settings.engine_kwargs)
     largest = max(fs.max_len for fs in sets)
     requested = kwargs.get("max_model_len")
@@ -250,16 +249,9 @@ def plan_engine_args(settings: EngineSettings, model: ModelRope, sets: list[Fact
         )
     if kwargs.get("speculative_config"):
         raise FactorSetError("speculative decoding is not supported with per-request LongRoPE")
-    rows = settings.rope_table_rows or 2 * sum(fs.max_len for fs in sets)
-    if rows < sum(fs.max_len for fs in sets):
-        raise FactorSetError(
-            f"--rope-table-rows {rows} cannot hold the start-up sets ({sum(fs.max_len for fs in sets)} rows)"
-        )
     extra = dict(kwargs.get("additional_config") or {})
     extra[CONFIG_KEY] = {
         "patch_version": PATCH_VERSION,
-        "vllm_target": VLLM_VERSION_TARGET,
-        "capacity_rows": rows,
         "sets": [fs.model_dump(mode="json") for fs in sets],
     }
     kwargs["additional_config"] = extra
@@ -300,15 +292,6 @@ class LongRopeEngine:
     # -- construction
     @classmethod
     async def start(cls, settings: EngineSettings) -> LongRopeEngine:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from .vllm_patch import install
-
-        install()  # also done by the plugin entry point in every vLLM process
-        # On CUDA, vLLM 0.32 defaults to Model Runner V2, which this patch does not hook; pin the V1 runner
-        # (the path the CPU tests prove). Spawned engine processes inherit the environment.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         model, sets = startup_sets(settings.model, settings.factor_paths)
         registry = Registry(settings.registry_dir) if settings.registry_dir else None
         if registry is not None:
@@ -319,8 +302,7 @@ class LongRopeEngine:
                 )
         kwargs = plan_engine_args(settings, model, sets)
         t0 = time.monotonic()
-        args = AsyncEngineArgs(model=settings.model, **{k: v for k, v in kwargs.items() if v is not None})
-        engine = AsyncLLM.from_engine_args(args)
+        engine = start_async_llm(settings.model, kwargs)
         logger.info("engine up in %.1f s; sets: %s", time.monotonic() - t0, ", ".join(fs.label for fs in sets))
         eng = cls(engine, model, sets, settings, kwargs["max_model_len"], registry)
         if registry is not None:
@@ -610,9 +592,27 @@ class LongRopeEngine:
         metrics.publish_live_sets(list(self.table.sets))
         return current
 
+    async def _push_to_workers(self, fs: FactorSet) -> None:
+        """Give every worker (every rank) the set; if one cannot take it, undo it on the others and raise
+        WorkerSetError naming the cause."""
+        try:
+            results = await self.engine.collective_rpc("longrope_load_set", args=(fs.model_dump(mode="json"),))
+        except Exception as err:  # the call itself failed (engine stopped, an rpc error)
+            raise WorkerSetError(f"the engine could not load {fs.label} into its workers: {err}") from err
+        failures = [r.get("error", "unknown error") for r in results if not r.get("ok", False)]
+        if not failures:
+            return
+        if any(r.get("loaded") for r in results):
+            await self.engine.collective_rpc("longrope_release_set", args=(fs.label,))
+        raise WorkerSetError(
+            f"a worker could not take {fs.label}: {failures[0]}"
+            + (f" ({len(failures)} of {len(results)} workers failed)" if len(results) > 1 else "")
+            + "; nothing was changed"
+        )
+
     async def _activate(self, fs: FactorSet, persist: bool = True) -> None:
         """Write the set into every worker, then swap it into the table (caller holds the lock)."""
-        await self.engine.collective_rpc("longrope_load_set", args=(fs.model_dump(mode="json"),))
+        await self._push_to_workers(fs)
         current = self.table.get(fs.name)
         if persist:
             try:
@@ -661,7 +661,7 @@ class LongRopeEngine:
                     if fs.max_len > self.max_model_len:
                         raise FactorSetError(f"window {fs.max_len} > this engine's {self.max_model_len} tokens")
                     await self._activate(fs, persist=False)
-                except (FactorSetError, OSError, RuntimeError, MemoryError) as err:
+                except (FactorSetError, OSError, WorkerSetError) as err:
                     logger.error("REGISTRY SYNC: cannot serve %s@%d from the shared registry: %s", name, version, err)
                     metrics.HOT_LOADS.labels("sync", "rejected").inc()
                     continue
@@ -731,6 +731,7 @@ __all__ = [
     "UpgradeRecord",
     "RequestTooLong",
     "UnknownSetError",
+    "WorkerSetError",
     "plan_engine_args",
     "startup_sets",
 ]

@@ -28,7 +28,6 @@ class ServerSettings(BaseSettings):
     )
     admin_host: str = Field("127.0.0.1", description="interface of the separate admin port")
     admin_port: int | None = Field(None, ge=1, le=65535, description="serve the admin API only on this port")
-    rope_table_rows: int | None = Field(None, ge=1, description="rows of the shared cos/sin table")
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin API (off when unset)")
     admin_token_file: Path | None = Field(None, description="file holding the admin token (e.g. a mounted secret)")
     host: str | None = None

@@ -1,0 +1,31 @@
+"""Building vLLM's ``AsyncLLM`` for a per-request LongRoPE engine, and the output kinds it streams."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .runner import install
+from .version import check_vllm_version
+
+
+def start_async_llm(model: str, engine_kwargs: dict[str, Any]) -> Any:
+    """vLLM's ``AsyncLLM`` with the runner hooks installed (the plugin also installs them in every vLLM
+    process) and Model Runner V1 pinned: on CUDA, vLLM 0.32 defaults to Model Runner V2, which these hooks
+    do not reach; the V1 runner is the path the CPU tests prove. Spawned engine processes inherit the
+    environment."""
+    check_vllm_version()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    install()
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    args = AsyncEngineArgs(model=model, **{k: v for k, v in engine_kwargs.items() if v is not None})
+    return AsyncLLM.from_engine_args(args)
+
+
+def output_modes(output_kind: Any) -> tuple[bool, bool]:
+    """(delta, final_only) of a ``SamplingParams.output_kind``: how vLLM reports a request's tokens."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return output_kind == RequestOutputKind.DELTA, output_kind == RequestOutputKind.FINAL_ONLY

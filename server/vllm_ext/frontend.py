@@ -1,0 +1,140 @@
+"""longrope-serve's hooks into vLLM's OpenAI server (vLLM 0.32 names): argument parser, app, launcher, and
+admission inside the completion and chat serving classes.
+
+Admission wraps the serving objects' ``render_*_request`` methods: once vLLM has tokenised a prompt, every
+prompt of the request is admitted to a factor set (or refused with an OpenAI-shaped 400 when no window holds
+it) before any response header is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import fields
+from http import HTTPStatus
+from typing import Any
+
+from .keys import POLICY_KEY
+
+ASSIGNMENT_KEY = "_longrope_assignment"  # an admitted Assignment riding on the prompt dict
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return FlexibleArgumentParser(prog=prog, description=description)
+
+
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    """Every vLLM engine and server option, parsed by vLLM's own parser."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    make_arg_parser(parser)
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's engine arguments (all but ``model``) from the parsed command line."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    return {f.name: getattr(engine_args, f.name) for f in fields(AsyncEngineArgs) if f.name != "model"}
+
+
+async def build_openai_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """vLLM's own OpenAI app on ``engine`` (chat templates, streaming, logprobs, /v1/models, /health,
+    /metrics) and its listening socket: (app, sock, listen address)."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import setup_server
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    supported_tasks = await engine.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine.model_config)
+    await init_app_state(engine, app.state, args, supported_tasks)
+    return app, sock, listen_address
+
+
+async def serve_openai_app(app: Any, sock: Any, args: argparse.Namespace) -> None:
+    from vllm.entrypoints.launchers.launcher import serve_http
+
+    shutdown_task = await serve_http(app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    await shutdown_task
+
+
+def add_outer_middleware(app: Any, cls: type, **options: Any) -> None:
+    """Add an ASGI middleware to vLLM's app. ``build_app`` already built Starlette's middleware stack
+    (so ``add_middleware`` refuses); register ours and let Starlette rebuild the stack on first use."""
+    from starlette.middleware import Middleware
+
+    app.user_middleware.insert(0, Middleware(cls, **options))
+    app.middleware_stack = None
+
+
+def policy_of(request: Any) -> str | None:
+    """The request's ``vllm_xargs: {"longrope_policy": ...}`` (None: the server's default)."""
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    return xargs.get(POLICY_KEY)
+
+
+AdmitFn = Callable[[int, "int | None", "str | None", int], Any]
+RecordFn = Callable[[list[Any]], None]
+
+
+def _admit_inputs(
+    admit: AdmitFn, record: RecordFn, serving: Any, engine_inputs: list[Any], request: Any, requested: int | None
+) -> Any:
+    """Admit every tokenised prompt of a request; an OpenAI 400 if one does not fit."""
+    admitted = []
+    try:
+        policy, n = policy_of(request), getattr(request, "n", 1) or 1
+        for ei in engine_inputs:
+            if isinstance(ei, dict) and "prompt_token_ids" in ei:
+                assignment = admit(len(ei["prompt_token_ids"]), requested, policy, n)
+                ei[ASSIGNMENT_KEY] = assignment
+                admitted.append(assignment)
+    except ValueError as err:  # RequestTooLong or a bad per-request policy
+        record(admitted)  # the middleware ends the admissions made before the failure
+        return serving.create_error_response(str(err), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+    record(admitted)
+    return None
+
+
+def _wrap_render(admit: AdmitFn, record: RecordFn, serving: Any, method: str, inputs_of: Any, requested_of: Any) -> None:
+    original = getattr(serving, method)
+
+    async def render(request: Any) -> Any:
+        result = await original(request)
+        engine_inputs = inputs_of(result)
+        if engine_inputs is not None:
+            error = _admit_inputs(admit, record, serving, engine_inputs, request, requested_of(request))
+            if error is not None:
+                return error
+        return result
+
+    setattr(serving, method, render)
+
+
+def install_admission(state: Any, admit: AdmitFn, record: RecordFn) -> None:
+    """Admission around the completion and chat serving objects' render methods. ``admit(prompt_tokens,
+    max_tokens, policy, n)`` returns an assignment or raises ValueError; ``record`` receives the
+    assignments made for the current HTTP request."""
+    completion = getattr(state, "openai_serving_completion", None)
+    if completion is not None:
+        _wrap_render(
+            admit,
+            record,
+            completion,
+            "render_completion_request",
+            lambda result: result if isinstance(result, list) else None,
+            lambda request: request.max_tokens,
+        )
+    chat = getattr(state, "openai_serving_chat", None)
+    if chat is not None:
+        _wrap_render(
+            admit,
+            record,
+            chat,
+            "render_chat_request",
+            lambda result: result[1] if isinstance(result, tuple) else None,
+            lambda request: request.max_completion_tokens or request.max_tokens,
+        )
