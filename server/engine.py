@@ -221,6 +221,8 @@ class EngineSettings:
     default_reserve: int = 256
     policy: Policy = DEFAULT_POLICY
     registry_dir: str | None = None  # where loaded sets persist across restarts (None: memory only)
+    # vLLM's worker_extension_cls: ours, or a subclass of it (qualified name) that adds worker methods
+    worker_extension: str = EXTENSION_QUALNAME
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
 
 
@@ -255,7 +257,7 @@ def plan_engine_args(settings: EngineSettings, model: ModelRope, sets: list[Fact
         "sets": [fs.model_dump(mode="json") for fs in sets],
     }
     kwargs["additional_config"] = extra
-    kwargs["worker_extension_cls"] = EXTENSION_QUALNAME
+    kwargs["worker_extension_cls"] = settings.worker_extension
     kwargs.setdefault("served_model_name", None)
     return kwargs
 

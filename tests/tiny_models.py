@@ -34,16 +34,46 @@ def _save(model: Any, folder: Path, tokenizer_dir: Path) -> Path:
 
 def make_tiny_llama(folder: Path, tokenizer_dir: Path, *, max_position_embeddings: int = 256, seed: int = 0) -> Path:
     """Llama, 2 layers, hidden 128, 2 heads (head_dim 64 → 32 frequency pairs), fp32, SmolLM2 tokenizer."""
+    return make_tiny_model(folder, tokenizer_dir, "llama", max_position_embeddings=max_position_embeddings, seed=seed)
+
+
+FAMILIES = ("llama", "mistral", "qwen2")  # the plain-RoPE families LongRoPE sets are published for or applied to
+
+
+def make_tiny_model(
+    folder: Path, tokenizer_dir: Path, family: str, *, max_position_embeddings: int = 256, seed: int = 0
+) -> Path:
+    """A tiny random model of one family (same sizes as :func:`make_tiny_llama`): Mistral without sliding
+    window, Qwen2 with its q/k/v biases (set non-zero so they matter). In both, q/k weights are scaled ×6 so
+    that attention, and with it the rotary factors, changes the outputs (see :func:`make_tiny_phi3`)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        **TINY, max_position_embeddings=max_position_embeddings, rope_theta=10000.0, tie_word_embeddings=True
-    )
-    model = LlamaForCausalLM(cfg)
+    common = {**TINY, "max_position_embeddings": max_position_embeddings, "rope_theta": 10000.0}
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None, tie_word_embeddings=True))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False, tie_word_embeddings=True))
+    else:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
     with torch.no_grad():  # larger logits spread so greedy ties are unlikely
         model.model.embed_tokens.weight.normal_(0, 0.5)
+        for layer in model.model.layers if family != "llama" else []:
+            layer.self_attn.q_proj.weight *= 6.0
+            layer.self_attn.k_proj.weight *= 6.0
+            if family == "qwen2":
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
     return _save(model, folder, tokenizer_dir)
 
 
