@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "hot_load_latency_s": hot_load.latency_s if hot_load else None,
         "hot_load": asdict(hot_load) | {"token": "***", "set_json": None} if hot_load else None,
-        "table_memory": table_memory(factor_paths),
+        "rope_state": rope_state(factor_paths),
         "throughput_ratio": ours.total_tokens_per_s / stock.total_tokens_per_s,
         "output_throughput_ratio": ours.output_tokens_per_s / stock.output_tokens_per_s,
         "failed_requests": ours.failed + stock.failed,
@@ -466,14 +466,12 @@ def plot_latency(ours: list[tuple[list[Result], float]], stock: list[tuple[list[
     fig.savefig(path, dpi=120)
 
 
-def table_memory(paths: list[str]) -> dict[str, dict[str, float]]:
-    """Per-set cos/sin table memory (max_len × rotary_dim × dtype bytes) of the JSON sets served."""
+def rope_state(paths: list[str]) -> dict[str, dict[str, int]]:
+    """What each served set costs the server's RoPE (a few numbers per version, whatever the window)."""
     from factors.formats import load_set_paths
+    from factors.rope import slot_bytes
 
-    return {
-        fs.name: {"window": fs.max_len, "mib_fp32": fs.table_bytes(4) / 2**20, "mib_bf16": fs.table_bytes(2) / 2**20}
-        for fs in load_set_paths(paths)
-    }
+    return {fs.name: {"window": fs.max_len, "state_bytes": slot_bytes(fs.rotary_dim)} for fs in load_set_paths(paths)}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -502,8 +500,8 @@ def print_table(report: dict[str, Any]) -> None:
         print("  ".join(c.ljust(width[i]) for i, c in enumerate(r)))
     print(f"throughput ratio (total tokens/s, longrope-serve ÷ stock): {report['throughput_ratio']:.3f}")
     print(f"output-token throughput ratio: {report['output_throughput_ratio']:.3f}")
-    for name, mem in report["table_memory"].items():
-        print(f"table {name}: window {mem['window']}, {mem['mib_bf16']:.1f} MiB bf16 / {mem['mib_fp32']:.1f} MiB fp32")
+    for name, mem in report["rope_state"].items():
+        print(f"RoPE state of {name}: window {mem['window']}, {mem['state_bytes']} bytes")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .formats import (
     read_model_rope,
 )
 from .plotting import save_figure
-from .rope import cos_sin
+from .rope import cos_sin, slot_bytes
 from .schema import FactorSet, FactorSetError
 
 DESCRIPTION = """\
@@ -88,8 +88,7 @@ def _load(args: argparse.Namespace, path: str) -> list[FactorSet]:
 
 
 def _summary(fs: FactorSet) -> dict[str, Any]:
-    table = {"float32": fs.table_bytes(4) / 2**20, "bfloat16": fs.table_bytes(2) / 2**20}
-    return {**fs.summary(), "table_mib": table}
+    return {**fs.summary(), "rope_state_bytes": slot_bytes(fs.rotary_dim)}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -108,7 +107,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"  λ: {lam['count']} values, {lam['min']:.4g} … {lam['max']:.4g}"
             + ("" if s["monotone"] else " (NOT monotone)")
         )
-        print(f"  table: {s['table_mib']['float32']:.1f} MiB fp32, {s['table_mib']['bfloat16']:.1f} MiB bf16")
+        print(
+            f"  served RoPE state: {s['rope_state_bytes']} bytes per version, whatever the window (the server"
+            " computes each step's cos/sin from these; no table)"
+        )
         print(
             f"  provenance: {fs.provenance.method}" + (f" from {fs.provenance.source}" if fs.provenance.source else "")
         )

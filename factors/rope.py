@@ -94,6 +94,12 @@ def dtype_rounding(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # -- per-step cos/sin: the rows of the tokens scheduled now, from each set's few parameters -------------
 
 
+def slot_bytes(rotary_dim: int) -> int:
+    """What one set version costs the server, whatever its window: its scaled and original inverse
+    frequencies (float64, rotary_dim/2 each), n̂ and mscale — one slot of :class:`StepRope`."""
+    return (rotary_dim + 2) * 8
+
+
 class StepRope:
     """Exact LongRoPE cos/sin for an arbitrary batch of (position, set) pairs, without any table.
 

@@ -202,10 +202,6 @@ class FactorSet(BaseModel):
             "provenance": self.provenance.model_dump(mode="json"),
         }
 
-    def table_bytes(self, dtype_bytes: int) -> int:
-        """Memory of this set's cos/sin table in vLLM's layout: max_len × rotary_dim × dtype."""
-        return self.max_len * self.rotary_dim * dtype_bytes
-
     def with_updates(self, **changes: Any) -> FactorSet:
         """A validated copy with some fields changed."""
         data = self.model_dump()

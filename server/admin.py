@@ -1,6 +1,7 @@
 """Admin API: list, load (hot), roll back and retire factor sets. Bearer-token protected; off without a token.
 
-    GET    /admin/factors                    live sets with version, window, λ summary, n̂, mscale, provenance, traffic
+    GET    /admin/factors                    live sets with version, window, λ summary, n̂, mscale, provenance, traffic;
+                                             the workers' RoPE memory (whatever the windows and versions)
     POST   /admin/factors                    load: a factor-set JSON, an HF config with a longrope block, or a
                                              multipart LongRoPE CSV (file) with name, max_len[, n_hat, mscale]
     POST   /admin/factors/{name}/rollback    make the previous version live again
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
+from factors.rope import slot_bytes
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
 
 from .engine import LongRopeEngine, UnknownSetError, WorkerSetError
@@ -116,6 +118,7 @@ def openai_error(
 def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
     return {
         **fs.summary(),
+        "rope_state_bytes": slot_bytes(fs.rotary_dim),
         "versions": sorted(engine.history.get(fs.name, {})),
         "requests_served": engine.served.get(fs.label, 0),
         "in_flight": engine.in_flight.get(fs.label, 0),
@@ -147,6 +150,7 @@ def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: s
             "object": "list",
             "data": [set_summary(engine, fs) for fs in engine.table.sets],
             "max_model_len": engine.max_model_len,
+            "rope": await engine.rope_status(),
         }
 
     @router.post("/factors", status_code=201, dependencies=[Depends(require_admin)], openapi_extra=LOAD_BODY)

@@ -307,6 +307,13 @@ class LongRopeEngine:
         engine = start_async_llm(settings.model, kwargs)
         logger.info("engine up in %.1f s; sets: %s", time.monotonic() - t0, ", ".join(fs.label for fs in sets))
         eng = cls(engine, model, sets, settings, kwargs["max_model_len"], registry)
+        rope = await eng.rope_status()
+        logger.info(
+            "RoPE state %.2f MiB per worker (%d tokens per step, %d set versions; independent of the windows)",
+            rope["state_bytes"] / 2**20,
+            rope["step_tokens"],
+            rope["versions_held"],
+        )
         if registry is not None:
             for fs in sets:
                 for version in registry.versions(fs.name):
@@ -724,6 +731,16 @@ class LongRopeEngine:
 
     async def worker_status(self) -> list[dict[str, Any]]:
         return await self.engine.collective_rpc("longrope_status")
+
+    async def rope_status(self) -> dict[str, Any]:
+        """The workers' RoPE memory (the largest of the ranks): per-step buffers plus one slot per version."""
+        ranks = await self.worker_status()
+        return {
+            "state_bytes": max(r["rope_bytes"] for r in ranks),
+            "step_tokens": ranks[0]["step_tokens"],
+            "versions_held": max(len(r["slots"]) for r in ranks),
+            "workers": len(ranks),
+        }
 
 
 __all__ = [

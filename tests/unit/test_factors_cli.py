@@ -40,7 +40,7 @@ def test_baseline_show_validate_angles(tmp_path: Path, model_dir: Path, capsys: 
     assert "ok " in capsys.readouterr().out
     assert main(["show", str(out), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown[0]["name"] == "yarn-32768" and shown[0]["table_mib"]["float32"] == 32768 * 16 * 4 / 2**20
+    assert shown[0]["name"] == "yarn-32768" and shown[0]["rope_state_bytes"] == (16 + 2) * 8
     assert main(["angles", str(out), "--positions", "0,1,4095,2097151", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["positions"] == [0, 1, 4095, 2097151]
