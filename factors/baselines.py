@@ -8,24 +8,14 @@ as transformers does for the same config; the unit tests check that to 1e-6.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from .geometry import RopeGeometry
 from .rope import base_inv_freq
-from .schema import FactorSet, ModelFingerprint, Provenance
+from .schema import FactorSet, Provenance
 
 BASELINE_METHODS = ("identity", "pi", "ntk", "yarn")
-
-
-@dataclass(frozen=True)
-class RopeGeometry:
-    """The few numbers of a model's RoPE that a factor set depends on."""
-
-    rope_theta: float
-    rotary_dim: int
-    original_max_len: int
-    model: ModelFingerprint | None = None
 
 
 def _factor_set(

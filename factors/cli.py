@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .baselines import BASELINE_METHODS, RopeGeometry, make_baseline
+from .baselines import BASELINE_METHODS, make_baseline
+from .cli_args import DTYPES, add_geometry_options, geometry_from_args, int_list
 from .cli_search import add_search_commands
 from .formats import (
     atomic_write_text,
@@ -20,8 +21,9 @@ from .formats import (
     longrope_csv,
     read_model_rope,
 )
+from .geometry import slot_bytes
 from .plotting import save_figure
-from .rope import cos_sin, slot_bytes
+from .rope import cos_sin
 from .schema import FactorSet, FactorSetError
 
 DESCRIPTION = """\
@@ -47,34 +49,13 @@ examples:
   longrope-factors plot-ppl --model DIR --set a.json --text stdlib:heldout --lengths 128,256,512,1024 -o ppl.png"""
 
 
-def _geometry_options(p: argparse.ArgumentParser, for_csv: bool = True) -> None:
-    g = p.add_argument_group("model geometry (for CSV input or generated sets)")
-    g.add_argument("--model", metavar="DIR", help="a Hugging Face model folder; its config.json gives the geometry")
-    g.add_argument("--rope-theta", type=float, help="RoPE base (instead of --model)")
-    g.add_argument("--rotary-dim", type=int, help="rotated dims per head (instead of --model)")
-    g.add_argument("--original-max-len", type=int, help="the model's pretraining window (instead of --model)")
-    if for_csv:
-        g.add_argument("--max-len", type=int, help="window the CSV's set serves (CSV input only)")
-        g.add_argument("--name", help="set name for CSV input (default: the file name)")
-        g.add_argument("--n-hat", type=int, default=0, help="n̂ for CSV input (default 0)")
-        g.add_argument("--mscale", type=float, help="mscale for CSV input (default: LongRoPE's formula)")
-
-
-def _geometry(args: argparse.Namespace, required: bool) -> RopeGeometry | None:
-    if args.model:
-        return read_model_rope(args.model).geometry
-    given = [args.rope_theta, args.rotary_dim, args.original_max_len]
-    if all(v is not None for v in given):
-        return RopeGeometry(args.rope_theta, args.rotary_dim, args.original_max_len)
-    if required or any(v is not None for v in given):
-        raise FactorSetError("give --model DIR, or all of --rope-theta, --rotary-dim and --original-max-len")
-    return None
+FILES_HELP = "factor files: project JSON, HF config.json, or LongRoPE CSV (with the geometry options)"
 
 
 def _load(args: argparse.Namespace, path: str) -> list[FactorSet]:
     monotone = "reject" if getattr(args, "strict_monotone", False) else "warn"
     if path.lower().endswith(".csv"):
-        geo = _geometry(args, required=True)
+        geo = geometry_from_args(args, required=True)
         return load_any(
             path,
             monotone=monotone,
@@ -169,7 +150,7 @@ def _emit(text: str, out: Path | None) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    geo = _geometry(args, required=True)
+    geo = geometry_from_args(args, required=True)
     assert geo is not None
     fs = make_baseline(args.method, geo, args.target_len, name=args.name)
     return _emit(factor_set_json(fs), Path(args.output) if args.output else None)
@@ -191,16 +172,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     ax.set_title(args.title or "LongRoPE factors")
     ax.grid(True, alpha=0.3)
     return save_figure(fig, ax, args.output)
-
-
-def _positions(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("positions must be one or more integers ≥ 0")
-    return values
 
 
 def cmd_angles(args: argparse.Namespace) -> int:
@@ -243,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarise factor sets",
         description="Print window, λ range, n̂, mscale, table memory and provenance of each set.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help=FILES_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    _geometry_options(p)
+    add_geometry_options(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(
@@ -253,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="check factor files (exit 1 if any is bad)",
         description="Check each file against the schema (count = rotary_dim/2, finite, ≥ 1, n̂ < max_len, ...) and, with --model, against the model's rotary_dim, rope_theta, original window and fingerprint.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help=FILES_HELP)
     p.add_argument(
         "--strict-monotone", action="store_true", help="reject λ that decrease with the frequency index (default: warn)"
     )
-    _geometry_options(p)
+    add_geometry_options(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
@@ -265,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert between json, LongRoPE csv and HF config",
         description="Convert a set between formats. --to json writes one file, or one file per set into the folder -o names (an HF config holds two sets). --to hf-config needs a short and a long set. --to csv writes λ_i as one row.",
     )
-    p.add_argument("input", metavar="FILE")
+    p.add_argument("input", metavar="FILE", help="the file to convert (JSON, HF config.json or CSV)")
     p.add_argument("--to", choices=["json", "csv", "hf-config"], required=True, help="output format")
     p.add_argument("-o", "--output", help="output file (or folder for several sets); default stdout")
     p.add_argument("--long", metavar="FILE", help="with --to hf-config and a single input set: the long set")
@@ -275,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="rope_parameters",
         help="config key of the rope block (transformers ≥ 5 reads rope_parameters; older rope_scaling)",
     )
-    _geometry_options(p)
+    add_geometry_options(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -283,19 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a PI / NTK / YaRN / identity set",
         description="Generate a hand-designed extension as a factor set, with the formulas of Hugging Face's linear, dynamic (NTK) and yarn rope types.",
     )
-    p.add_argument("method", choices=BASELINE_METHODS)
+    p.add_argument(
+        "method", choices=BASELINE_METHODS, metavar="METHOD", help="the rule: " + ", ".join(BASELINE_METHODS)
+    )
     p.add_argument("--target-len", type=int, required=True, help="window the set should serve (tokens)")
     p.add_argument("--name", help="set name (default METHOD-TARGET)")
     p.add_argument("-o", "--output", help="output JSON file (default stdout)")
-    _geometry_options(p, for_csv=False)
+    add_geometry_options(p, for_csv=False)
     p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("plot", help="PNG of λ_i against frequency index, several sets overlaid")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p = sub.add_parser(
+        "plot",
+        help="PNG of λ_i against frequency index, several sets overlaid",
+        description="Draw λ_i against the frequency index i (0 = fastest rotation), one line per set.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help=FILES_HELP)
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--log", action="store_true", help="log-scale λ axis")
-    p.add_argument("--title")
-    _geometry_options(p)
+    p.add_argument("--title", help="plot title (default: LongRoPE factors)")
+    add_geometry_options(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser(
@@ -303,14 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="cos/sin a set applies at given positions",
         description="Print, per position, the rotary_dim/2 cos and sin values exactly as the server applies them (n̂ and mscale included), computed in float64 and cast to --dtype.",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="factor file (JSON, HF config.json or CSV)")
     p.add_argument(
-        "--positions", type=_positions, required=True, help="comma-separated positions, e.g. 0,1,4095,2097151"
+        "--positions",
+        type=int_list(minimum=0, what="positions"),
+        required=True,
+        help="comma-separated positions ≥ 0, e.g. 0,1,4095,2097151",
     )
     p.add_argument("--set", help="which set of a multi-set file (e.g. long for an HF config)")
-    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float64", *DTYPES],
+        default="float32",
+        help="dtype the values are cast to, as the server casts them to the model's (default float32)",
+    )
     p.add_argument("--json", action="store_true", help='print {"positions": [...], "cos": [[...]], "sin": [[...]]}')
-    _geometry_options(p)
+    add_geometry_options(p)
     p.set_defaults(func=cmd_angles)
     add_search_commands(sub)
     return parser

@@ -12,42 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .formats import factor_set_json, load_any, save_json_set
+from .baselines import BASELINE_METHODS
+from .cli_args import DefaultsHelpFormatter, add_model_options, float_list, int_list, name_list
+from .formats import factor_set_json, load_any, read_model_rope, save_json_set
 from .plotting import save_figure
 from .schema import FactorSet, FactorSetError
-from .search import N_HAT_CHOICES, SearchConfig
+from .search import N_HAT_CHOICES, SearchConfig, SearchPlan
 
 TEXT_HELP = (
     "text to measure on: a UTF-8 file, or stdlib:search / stdlib:heldout / stdlib:train for the Python"
     " standard library's source split by file (see factors.corpus)"
 )
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError("expected one or more integers > 0")
-    return values
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama-family model folder")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    g.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)"
-    )
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def _evaluator(args: argparse.Namespace) -> Any:
@@ -61,12 +36,9 @@ def _sets(paths: list[str]) -> list[FactorSet]:
 
 
 def _tokens(ev: Any, spec: str) -> Any:
-    from .corpus import text_source
+    from .progressive import text_tokens
 
-    try:
-        return ev.tokenize(text_source(spec))
-    except ValueError as err:
-        raise FactorSetError(str(err)) from None
+    return text_tokens(ev, spec)
 
 
 def _print_table(records: list[dict[str, Any]]) -> None:
@@ -82,114 +54,74 @@ def _print_table(records: list[dict[str, Any]]) -> None:
 # -- search ---------------------------------------------------------------------------------------
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from .progressive import progressive, search_set, short_readjust
-
-    ev = _evaluator(args)
-    tokens = _tokens(ev, args.text)
-    geo = ev.rope.geometry
-    targets = args.progressive or [args.target_len]
-    if args.target_len not in targets:
-        targets = sorted({*targets, args.target_len})
-    cfg = SearchConfig(
+def search_plan(args: argparse.Namespace) -> SearchPlan:
+    """The SearchPlan of ``longrope-factors search`` options (checked before any model is loaded)."""
+    budget = {
+        "population": args.population,
+        "parents": args.parents,
+        "mutations": args.mutations,
+        "crossovers": args.crossovers,
+        "generations": args.generations,
+        "seed": args.seed,
+        "n_hat_choices": tuple(args.n_hat_choices),
+    }
+    long = SearchConfig(
         target_len=args.target_len,
-        population=args.population,
-        parents=args.parents,
-        mutations=args.mutations,
-        crossovers=args.crossovers,
-        generations=args.generations,
-        seed=args.seed,
+        **budget,
         low=args.low,
         high=args.high,
-        n_hat_choices=tuple(args.n_hat_choices),
         mscale=args.mscale,
         seed_methods=tuple(args.seed_methods),
         time_budget_s=args.time_budget * 60 if args.time_budget else None,
     )
-    ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    t0 = time.monotonic()
-    if len(targets) > 1:
-        chain = progressive(
-            ev,
-            tokens,
-            targets,
-            cfg,
+    short = None
+    if args.short:
+        short = SearchConfig(
+            target_len=read_model_rope(args.model).geometry.original_max_len,
+            **(
+                budget
+                | {
+                    "population": args.short_population or args.population,
+                    "parents": args.short_parents or args.parents,
+                    "generations": args.generations if args.short_generations is None else args.short_generations,
+                }
+            ),
+        )
+    try:
+        return SearchPlan(
+            long=long,
+            text=args.text,
             samples=args.samples,
-            data=args.text,
-            name_prefix=args.name,
-            checkpoint_dir=ckdir,
+            window_seed=args.window_seed,
+            stages=tuple(args.progressive or ()),
+            name=args.name,
+            short=short,
+            short_samples=args.short_samples,
+            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
             resume=args.resume,
             progress=not args.no_progress,
-            window_seed=args.window_seed,
+            table_text=args.table_text,
+            table_samples=args.table_samples,
+            table_baselines=tuple(args.table_baselines),
         )
-        long = chain[-1]
-        for fs in chain[:-1]:
+    except ValueError as err:
+        raise FactorSetError(f"search: {err}") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .progressive import run_search
+
+    plan = search_plan(args)
+    ev = _evaluator(args)
+    t0 = time.monotonic()
+    for role, fs in run_search(ev, plan):
+        if role == "stage":
             if args.output:
                 save_json_set(fs, Path(args.output).with_name(f"{fs.name}.json"))
-    else:
-        ckpt = ckdir / f"{args.name}-{args.target_len}.ckpt.json" if ckdir else None
-        long, _ = search_set(
-            ev,
-            tokens,
-            cfg,
-            samples=args.samples,
-            data=args.text,
-            name=args.name,
-            checkpoint=ckpt,
-            resume=args.resume,
-            progress=not args.no_progress,
-            window_seed=args.window_seed,
-        )
-    long = _with_table(ev, long, args, [args.target_len], baselines=tuple(args.table_baselines))
-    _write(long, args.output)
-    if args.short:
-        short_cfg = SearchConfig(
-            target_len=geo.original_max_len,
-            population=args.short_population or args.population,
-            parents=args.short_parents or args.parents,
-            mutations=args.mutations,
-            crossovers=args.crossovers,
-            generations=args.short_generations if args.short_generations is not None else args.generations,
-            seed=args.seed,
-            n_hat_choices=tuple(args.n_hat_choices),
-        )
-        short = short_readjust(
-            ev,
-            tokens,
-            long,
-            short_cfg,
-            samples=args.short_samples or args.samples,
-            data=args.text,
-            name=f"{args.name}-short",
-            checkpoint=ckdir / f"{args.name}-short.ckpt.json" if ckdir else None,
-            resume=args.resume,
-            progress=not args.no_progress,
-            window_seed=args.window_seed,
-        )
-        short = _with_table(ev, short, args, [geo.original_max_len], baselines=("identity",))
-        _write(short, args.short_output)
+        else:
+            _write(fs, args.output if role == "long" else args.short_output)
     print(f"search finished in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     return 0
-
-
-def _with_table(
-    ev: Any,
-    fs: FactorSet,
-    args: argparse.Namespace,
-    lengths: list[int],
-    baselines: tuple[str, ...] = ("identity", "pi", "ntk", "yarn"),
-) -> FactorSet:
-    """Add the ppl table (set vs baselines, on --table-text) to the set's provenance."""
-    if not args.table_text:
-        return fs
-    tokens = _tokens(ev, args.table_text)
-    sets = [ev.geometry_set(m, fs.max_len) for m in baselines] + [fs]
-    records = ev.ppl_table(sets, tokens, lengths, args.table_samples, seed=args.window_seed)
-    metrics = {
-        **fs.provenance.metrics,
-        "ppl_table": {"text": args.table_text, "samples": args.table_samples, "records": records},
-    }
-    return fs.model_copy(update={"provenance": fs.provenance.model_copy(update={"metrics": metrics})})
 
 
 def _write(fs: FactorSet, output: str | None) -> None:
@@ -285,7 +217,7 @@ def cmd_plot_ppl(args: argparse.Namespace) -> int:
 
 def add_search_commands(sub: Any) -> None:
     """Register search, eval, passkey and plot-ppl on the longrope-factors subparsers."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
 
     p = sub.add_parser(
         "search",
@@ -298,9 +230,14 @@ def add_search_commands(sub: Any) -> None:
         " then searches a short set at the model's own window. The output is a factor-set JSON file whose"
         " provenance records the data, lengths, generations and ppl table; it loads into the server unchanged.",
     )
-    _model_options(p)
+    add_model_options(p)
     p.add_argument("--target-len", type=int, required=True, help="window of the long set (tokens)")
-    p.add_argument("--progressive", type=_ints, help="chain of lengths, e.g. 256,512,1024 (the last is the target)")
+    p.add_argument(
+        "--progressive",
+        type=int_list(what="lengths"),
+        help="chain of lengths, e.g. 256,512,1024: one search per length, each seeded from the one before;"
+        " --target-len is the last (and added if missing); none may exceed it",
+    )
     p.add_argument("--text", default="stdlib:search", help=TEXT_HELP)
     p.add_argument("--samples", type=int, default=4, help="windows per perplexity evaluation")
     p.add_argument("--window-seed", type=int, default=0, help="seed for the windows' offsets in the text")
@@ -312,10 +249,15 @@ def add_search_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
     p.add_argument("--low", type=float, default=1.0, help="lower bound of every λ_i")
     p.add_argument("--high", type=float, help="upper bound of every λ_i (default: 2 × the extension ratio, ≥ 2)")
-    p.add_argument("--n-hat-choices", type=_ints_or_zero, default=list(N_HAT_CHOICES), help="allowed n̂ values")
+    p.add_argument(
+        "--n-hat-choices",
+        type=int_list(minimum=0, unique=True),
+        default=list(N_HAT_CHOICES),
+        help="allowed n̂ values (those below the window are used)",
+    )
     p.add_argument(
         "--seed-methods",
-        type=lambda t: [m for m in t.split(",") if m],
+        type=name_list(BASELINE_METHODS),
         default=["pi", "ntk", "yarn"],
         help="baselines whose λ seed the initial population (identity, pi, ntk, yarn)",
     )
@@ -334,7 +276,7 @@ def add_search_commands(sub: Any) -> None:
     p.add_argument("--table-text", help="after the search, measure set vs baselines on this text (" + TEXT_HELP + ")")
     p.add_argument(
         "--table-baselines",
-        type=lambda t: [m for m in t.split(",") if m],
+        type=name_list(BASELINE_METHODS),
         default=["identity", "pi", "ntk", "yarn"],
         help="baselines measured beside the long set in that table",
     )
@@ -350,7 +292,7 @@ def add_search_commands(sub: Any) -> None:
         " seeded offsets (the same windows for every set). --json prints one"
         ' {"set": NAME, "length": L, "ppl": X} record per line.',
     )
-    _model_options(p)
+    add_model_options(p)
     _eval_options(p, required=True)
     p.add_argument("--json", action="store_true", help="one JSON record per line instead of a table")
     p.set_defaults(func=cmd_eval)
@@ -362,10 +304,17 @@ def add_search_commands(sub: Any) -> None:
         description="LongRoPE's synthetic passkey test: a random 5-digit key hidden at each depth of ~L tokens of"
         " repeated filler; a trial is correct when greedy decoding reproduces the key.",
     )
-    _model_options(p)
+    add_model_options(p)
     p.add_argument("--set", action="append", required=True, metavar="FILE", help="factor file (repeatable)")
-    p.add_argument("--lengths", type=_ints, required=True, help="comma-separated prompt lengths in tokens")
-    p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="key depths in [0, 1]")
+    p.add_argument(
+        "--lengths", type=int_list(what="lengths"), required=True, help="comma-separated prompt lengths in tokens"
+    )
+    p.add_argument(
+        "--depths",
+        type=float_list(low=0.0, high=1.0),
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="comma-separated key depths in [0, 1] (0: start of the prompt, 1: its end)",
+    )
     p.add_argument("--trials", type=int, default=2, help="keys per depth")
     p.add_argument("--seed", type=int, default=0, help="seed for the keys")
     p.add_argument("--json", action="store_true", help="one JSON record per set and length")
@@ -378,11 +327,9 @@ def add_search_commands(sub: Any) -> None:
         description="Measure (as eval does) or read (--records, eval --json output) perplexity per set and length,"
         " and draw one line per set.",
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="model folder (not needed with --records)")
-    g.add_argument("--device", default="cpu", help="torch device")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
+    add_model_options(
+        p, required=False, model_help="Hugging Face Llama-family model folder (not needed with --records)"
+    )
     _eval_options(p, required=False)
     p.add_argument("--records", help="plot these eval --json records instead of measuring")
     p.add_argument("--save-records", help="also write the measured records (JSON lines) here")
@@ -392,19 +339,11 @@ def add_search_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_plot_ppl)
 
 
-def _ints_or_zero(text: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 0:
-        raise argparse.ArgumentTypeError("expected one or more integers ≥ 0")
-    return values
-
-
 def _eval_options(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--set", action="append", required=required, metavar="FILE", help="factor file (repeatable)")
     p.add_argument("--text", required=required, help=TEXT_HELP)
-    p.add_argument("--lengths", type=_ints, required=required, help="comma-separated lengths in tokens")
+    p.add_argument(
+        "--lengths", type=int_list(what="lengths"), required=required, help="comma-separated lengths in tokens"
+    )
     p.add_argument("--samples", type=int, default=4, help="windows per length")
     p.add_argument("--seed", type=int, default=0, help="seed for the windows' offsets")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .baselines import RopeGeometry
+from .geometry import RopeGeometry
 from .schema import FactorSet, FactorSetError, ModelFingerprint, MonotonePolicy, parse_factor_set
 
 MAX_FILE_BYTES = 8 * 1024 * 1024

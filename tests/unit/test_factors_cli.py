@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from factors.cli import main
+from factors.cli import build_parser, main
 
 MODEL_CFG = {
     "model_type": "llama",
@@ -153,3 +155,93 @@ def test_console_script_help_and_bad_args() -> None:
         assert word in run.stdout
     bad = subprocess.run([str(exe), "angles", "x.json", "--positions", "a,b"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected comma-separated integers" in bad.stderr
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_of_every_subcommand_has_help() -> None:
+    commands = _subcommands()
+    assert set(commands) == {"show", "validate", "convert", "baseline", "plot", "angles"} | {
+        "search",
+        "eval",
+        "passkey",
+        "plot-ppl",
+    }
+    for name, p in commands.items():
+        text = p.format_help()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name}: {action.option_strings or action.dest} has no help"
+            assert (action.option_strings[-1] if action.option_strings else action.metavar or action.dest) in text
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+
+
+def test_shared_list_types() -> None:
+    from factors.cli_args import float_list, int_list, name_list
+
+    assert int_list()("256, 512,1024") == [256, 512, 1024]
+    assert int_list(minimum=0)("4,0,4") == [4, 0, 4]
+    assert int_list(minimum=0, unique=True)("8,0,8,2") == [0, 2, 8]
+    assert float_list(low=0, high=1)("0,0.5,1") == [0.0, 0.5, 1.0]
+    assert name_list(("pi", "ntk"))("pi,ntk,") == ["pi", "ntk"]
+    for parse, text, message in (
+        (int_list(), "1,x", "expected comma-separated integers, got '1,x'"),
+        (int_list(), "0,4", "expected one or more integers > 0"),
+        (int_list(), "", "expected one or more integers > 0"),
+        (int_list(minimum=0, what="positions"), "-1", "expected one or more positions ≥ 0"),
+        (float_list(low=0, high=1), "0.5,2", "[2.0] outside [0, 1]"),
+        (float_list(), "a", "expected comma-separated numbers"),
+        (name_list(("pi", "ntk")), "pi,yarn", "expected comma-separated names from pi, ntk"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(text)
+
+
+def test_bad_search_options_fail_before_loading_a_model(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # model_dir holds only a config.json: loading the model would fail with another error
+    base = ["search", "--model", str(model_dir), "--target-len", "8192", "--no-progress"]
+    assert main([*base, "--population", "3", "--parents", "5"]) == 2
+    assert "parents (5) must be ≤ population (3)" in capsys.readouterr().err
+    assert main([*base, "--progressive", "2048,16384"]) == 2
+    assert "progressive lengths [16384] exceed the target length 8192" in capsys.readouterr().err
+    assert main([*base, "--short", "--short-population", "2", "--short-parents", "4"]) == 2
+    assert "parents (4) must be ≤ population (2)" in capsys.readouterr().err
+    assert main([*base, "--mutations", "0", "--crossovers", "0"]) == 2
+    assert "mutations + crossovers must be ≥ 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--seed-methods", "pi,linear"])
+    assert exit_info.value.code == 2
+    assert "expected comma-separated names from identity, pi, ntk, yarn" in capsys.readouterr().err
+
+
+def test_search_plan_from_options(model_dir: Path) -> None:
+    from factors.cli_search import search_plan
+
+    args = build_parser().parse_args(
+        ["search", "--model", str(model_dir), "--target-len", "16384", "--progressive", "8192,4096,16384"]
+        + ["--population", "10", "--parents", "4", "--generations", "3", "--short", "--short-generations", "0"]
+        + ["--short-samples", "9", "--checkpoint-dir", "ck", "--time-budget", "2", "--table-text", "stdlib:heldout"]
+    )
+    plan = search_plan(args)
+    assert plan.lengths == (4096, 8192, 16384) and plan.progressive
+    assert plan.long.target_len == 16384 and plan.long.time_budget_s == 120
+    assert (plan.long.population, plan.long.parents, plan.long.generations) == (10, 4, 3)
+    assert plan.short is not None and plan.short.target_len == 4096 and plan.short.generations == 0
+    assert (plan.short.population, plan.short.parents, plan.short.time_budget_s) == (10, 4, None)
+    assert plan.short_samples == 9 and plan.samples == 4 and plan.table_text == "stdlib:heldout"
+    assert plan.checkpoint("longrope-short") == Path("ck") / "longrope-short.ckpt.json"
+    single = search_plan(build_parser().parse_args(["search", "--model", str(model_dir), "--target-len", "8192"]))
+    assert single.lengths == (8192,) and not single.progressive and single.short is None
+    assert single.checkpoint("x") is None
+
+
+def test_cli_args_module_needs_no_torch() -> None:
+    code = "import sys, factors.cli_args; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
