@@ -30,7 +30,8 @@ from typing import Any
 
 import httpx
 
-HEADER = "x-longrope-factor-set"
+from server.protocol import FACTOR_SET_HEADER as HEADER
+
 DEFAULT_SETS = Path(__file__).resolve().parent.parent / "server" / "default_sets"
 
 
@@ -469,7 +470,7 @@ def plot_latency(ours: list[tuple[list[Result], float]], stock: list[tuple[list[
 def rope_state(paths: list[str]) -> dict[str, dict[str, int]]:
     """What each served set costs the server's RoPE (a few numbers per version, whatever the window)."""
     from factors.formats import load_set_paths
-    from factors.rope import slot_bytes
+    from factors.geometry import slot_bytes
 
     return {fs.name: {"window": fs.max_len, "state_bytes": slot_bytes(fs.rotary_dim)} for fs in load_set_paths(paths)}
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict
 
 from factors.formats import factor_set_json
 from factors.schema import FactorSet
+from server.protocol import FACTOR_SET_HEADER as HEADER
+from server.protocol import LambdaSummary, SetSummary
 
-HEADER = "x-longrope-factor-set"
+__all__ = ["AdminClient", "AsyncAdminClient", "LambdaSummary", "LongRopeError", "SetSummary", "ServerUnavailable"]
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -33,34 +35,6 @@ class ServerUnavailable(LongRopeError):
         super().__init__(
             0, f"no longrope-serve answered at {url} ({type(cause).__name__}: {cause}); is it running?", "unavailable"
         )
-
-
-class LambdaSummary(BaseModel):
-    count: int
-    min: float
-    max: float
-    first: float
-    last: float
-
-
-class SetSummary(BaseModel):
-    """One live set as ``GET /admin/factors`` reports it."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    version: int
-    label: str
-    max_len: int
-    original_max_len: int
-    rotary_dim: int
-    n_hat: int
-    mscale: float
-    factors: LambdaSummary
-    versions: list[int]
-    requests_served: int
-    in_flight: int
-    provenance: dict[str, Any]
 
 
 def _raise_for_error(resp: httpx.Response) -> Any:
@@ -222,31 +196,59 @@ def _histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float |
     return prev_bound
 
 
-def stats(url: str = DEFAULT_URL, timeout: float = 30.0) -> dict[str, Any]:
-    """Per set@version: requests by outcome, and p50/p90/p99 of prompt and total context tokens."""
+# The per-request series of server/metrics.py that carry factor_set *and* version. Other series with a
+# factor_set label are not rows: the latency histograms carry no version (a request may end on another set
+# than it started on), and the loaded-sets gauge says what is live, not what served traffic.
+_REQUESTS = "longrope_requests"
+_TOKEN_HISTOGRAMS = {"longrope_prompt_tokens": "prompt_tokens", "longrope_context_tokens": "context_tokens"}
+
+
+def parse_stats(text: str) -> dict[str, Any]:
+    """Per-set statistics from the text of a ``/metrics`` page (Prometheus exposition format).
+
+    One row per ``NAME@VERSION`` that served traffic: ``requests`` by outcome (finished, aborted, error) and,
+    per token histogram, ``count`` and p50/p90/p99 (``None`` when it has no observation). A series created at
+    zero (a counter or histogram touched but never incremented) or one without a ``version`` label makes no
+    row."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    requests: dict[str, dict[str, int]] = {}
+    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        metric = _TOKEN_HISTOGRAMS.get(family.name)
+        if family.name != _REQUESTS and metric is None:
+            continue
+        wanted = f"{_REQUESTS}_total" if metric is None else f"{family.name}_bucket"
+        for s in family.samples:
+            if s.name != wanted or not s.labels.get("factor_set") or not s.labels.get("version"):
+                continue
+            key = f"{s.labels['factor_set']}@{s.labels['version']}"
+            if metric is None:
+                row = requests.setdefault(key, {})
+                outcome = s.labels.get("outcome", "unknown")
+                row[outcome] = row.get(outcome, 0) + int(s.value)
+            else:
+                buckets.setdefault((key, metric), []).append((float(s.labels["le"]), s.value))
+    served = {key for key, row in requests.items() if sum(row.values()) > 0}
+    served |= {key for (key, _), bs in buckets.items() if max(c for _, c in bs) > 0}
+    out: dict[str, dict[str, Any]] = {
+        key: {"requests": requests.get(key, {}), "prompt_tokens": {}, "context_tokens": {}} for key in sorted(served)
+    }
+    for (key, metric), bs in buckets.items():
+        if key in out:
+            out[key][metric] = {f"p{int(q * 100)}": _histogram_quantile(q, bs) for q in (0.5, 0.9, 0.99)}
+            out[key][metric]["count"] = int(max(c for _, c in bs))
+    return out
+
+
+def stats(url: str = DEFAULT_URL, timeout: float = 30.0) -> dict[str, Any]:
+    """Per set@version: requests by outcome, and p50/p90/p99 of prompt and total context tokens
+    (:func:`parse_stats` of the server's ``/metrics``)."""
     try:
         text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout).text
     except httpx.TransportError as err:
         raise ServerUnavailable(url, err) from None
-    out: dict[str, dict[str, Any]] = {}
-    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if "factor_set" not in s.labels:
-                continue
-            key = f"{s.labels['factor_set']}@{s.labels.get('version', '?')}"
-            entry = out.setdefault(key, {"requests": {}, "prompt_tokens": {}, "context_tokens": {}})
-            if s.name == "longrope_requests_total":
-                entry["requests"][s.labels["outcome"]] = int(s.value)
-            for metric in ("prompt_tokens", "context_tokens"):
-                if s.name == f"longrope_{metric}_bucket":
-                    buckets.setdefault((key, metric), []).append((float(s.labels["le"]), s.value))
-    for (key, metric), bs in buckets.items():
-        out[key][metric] = {f"p{int(q * 100)}": _histogram_quantile(q, bs) for q in (0.5, 0.9, 0.99)}
-        out[key][metric]["count"] = int(max(c for _, c in bs))
-    return out
+    return parse_stats(text)
 
 
 def dumps(obj: Any) -> str:

@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.protocol import FACTOR_SET_HEADER, POLICY_XARG, UPGRADES_HEADER
+
 
 def _complete(base: str, model: str, ids: list[int], new_tokens: int, policy: str, timeout: float) -> dict[str, Any]:
     body = {
@@ -28,7 +30,7 @@ def _complete(base: str, model: str, ids: list[int], new_tokens: int, policy: st
         "max_tokens": new_tokens,
         "temperature": 0,
         "ignore_eos": True,
-        "vllm_xargs": {"longrope_policy": policy},
+        "vllm_xargs": {POLICY_XARG: policy},
     }
     t0 = time.monotonic()
     r = httpx.post(f"{base}/v1/completions", json=body, timeout=timeout)
@@ -38,8 +40,8 @@ def _complete(base: str, model: str, ids: list[int], new_tokens: int, policy: st
     return {
         "policy": policy,
         "seconds": round(elapsed, 3),
-        "factor_set": r.headers.get("x-longrope-factor-set"),
-        "upgrades": r.headers.get("x-longrope-upgrades"),
+        "factor_set": r.headers.get(FACTOR_SET_HEADER),
+        "upgrades": r.headers.get(UPGRADES_HEADER),
         "completion_tokens": r.json()["usage"]["completion_tokens"],
     }
 

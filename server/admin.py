@@ -20,14 +20,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
-from factors.rope import slot_bytes
+from factors.geometry import slot_bytes
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
 
 from .engine import LongRopeEngine, UnknownSetError, WorkerSetError
+from .protocol import ADMIN_PREFIX, ErrorResponse, LoadResult, RetireResult, SetListing, SetSummary
 
 logger = logging.getLogger("longrope.admin")
 
@@ -44,21 +44,8 @@ class AdminError(Exception):
         self.status, self.message, self.err_type, self.param = status, message, err_type, param
 
 
-class AdminErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int
-
-
-class AdminErrorResponse(BaseModel):
-    """Published in the OpenAPI schema for every admin error, so clients and schemathesis can check it."""
-
-    error: AdminErrorInfo
-
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": AdminErrorResponse, "description": what}
+    status: {"model": ErrorResponse, "description": what}
     for status, what in (
         (400, "invalid factor set or body"),
         (401, "missing or wrong admin token"),
@@ -131,7 +118,7 @@ ADMIN_OFF = "the admin API is off: start the server with LONGROPE_ADMIN_TOKEN or
 def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: str = ADMIN_OFF) -> APIRouter:
     """The /admin routes. ``token`` None: every admin route answers 404 with ``off_message`` (the API is off
     here, never open)."""
-    router = APIRouter(prefix="/admin", tags=["admin"], responses=ERROR_RESPONSES)
+    router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"], responses=ERROR_RESPONSES)
 
     async def require_admin(request: Request) -> None:
         if token is None:
@@ -144,7 +131,7 @@ def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: s
                 401, "missing or wrong admin token: send 'Authorization: Bearer <token>'", "authentication_error"
             )
 
-    @router.get("/factors", dependencies=[Depends(require_admin)])
+    @router.get("/factors", dependencies=[Depends(require_admin)], response_model=SetListing)
     async def list_sets() -> dict[str, Any]:
         return {
             "object": "list",
@@ -153,7 +140,13 @@ def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: s
             "rope": await engine.rope_status(),
         }
 
-    @router.post("/factors", status_code=201, dependencies=[Depends(require_admin)], openapi_extra=LOAD_BODY)
+    @router.post(
+        "/factors",
+        status_code=201,
+        dependencies=[Depends(require_admin)],
+        openapi_extra=LOAD_BODY,
+        response_model=LoadResult,
+    )
     async def load_sets(request: Request) -> dict[str, Any]:
         sets = await _sets_from_request(engine, request)
         for fs in sets:  # validate every set before loading any
@@ -170,12 +163,12 @@ def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: s
             loaded.append(await _checked_async(engine.load_set, fs))
         return {"object": "list", "data": [set_summary(engine, fs) for fs in loaded]}
 
-    @router.post("/factors/{name}/rollback", dependencies=[Depends(require_admin)])
+    @router.post("/factors/{name}/rollback", dependencies=[Depends(require_admin)], response_model=SetSummary)
     async def rollback(name: str) -> dict[str, Any]:
         fs = await _checked_async(engine.rollback_set, name)
         return set_summary(engine, fs)
 
-    @router.delete("/factors/{name}", dependencies=[Depends(require_admin)])
+    @router.delete("/factors/{name}", dependencies=[Depends(require_admin)], response_model=RetireResult)
     async def retire(name: str) -> dict[str, Any]:
         fs = await _checked_async(engine.retire_set, name)
         return {"retired": fs.label}
@@ -322,7 +315,7 @@ def install_error_shape(app: Any) -> None:
     """OpenAI-shaped bodies for Starlette's HTTP errors on ``app``. vLLM 0.32 registers its handler for
     ``fastapi.HTTPException`` only, but FastAPI 0.136 raises Starlette's base class for a body it cannot
     parse, so those errors left as ``{"detail": ...}`` and broke the published ErrorResponse schema
-    (found by schemathesis, tests/reliability/test_schemathesis.py)."""
+    (found by schemathesis, tests/reliability/test_fuzz_api.py)."""
     app.add_exception_handler(StarletteHTTPException, _framework_error)
 
 

@@ -26,6 +26,9 @@ from factors.schema import FactorSetError
 from .admin import install_admin
 from .engine import EngineSettings, LongRopeEngine
 from .policy import POLICIES, Assignment, RequestTooLong
+from .protocol import FACTOR_SET_FIELD as BODY_FIELD
+from .protocol import FACTOR_SET_HEADER as HEADER
+from .protocol import UPGRADES_FIELD, UPGRADES_HEADER
 from .settings import ServerSettings
 from .vllm_ext import UnsupportedVllmVersion, check_vllm_version
 from .vllm_ext.frontend import (
@@ -40,7 +43,6 @@ from .vllm_ext.frontend import (
 
 logger = logging.getLogger("longrope.app")
 
-HEADER = "x-longrope-factor-set"
 DEFAULT_SETS_DIR = Path(__file__).parent / "default_sets"
 
 # The admissions made while handling the current HTTP request (a mutable holder, so what the handler
@@ -48,9 +50,6 @@ DEFAULT_SETS_DIR = Path(__file__).parent / "default_sets"
 _admitted: contextvars.ContextVar[list[Assignment] | None] = contextvars.ContextVar("longrope_admitted", default=None)
 
 
-BODY_FIELD = "longrope_factor_set"
-UPGRADES_HEADER = "x-longrope-upgrades"
-UPGRADES_FIELD = "longrope_upgrades"
 
 
 def _labels(holder: list[Assignment]) -> tuple[str, str | None]:
@@ -339,6 +338,11 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
+def _given(argv: list[str], option: str) -> bool:
+    """The command line sets ``option`` (``--opt value`` or ``--opt=value``): it wins over LONGROPE_*."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU backend otherwise reserves 92% of RAM for the KV cache and refuses to start when less is
@@ -357,14 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad LONGROPE_* environment: {err}", file=sys.stderr)
         return 2
     args = build_parser(settings).parse_args(argv)
-    model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
+    model_given = _given(argv, "--model")
     if not model_given and settings.model:
         args.model, model_given = settings.model, True
     if settings.served_model_name and not args.served_model_name:
         args.served_model_name = [settings.served_model_name]
-    if settings.host and "--host" not in argv:
+    if settings.host and not _given(argv, "--host"):
         args.host = settings.host
-    if settings.port and "--port" not in argv:
+    if settings.port and not _given(argv, "--port"):
         args.port = settings.port
     try:
         admin_token = settings.model_copy(update={"admin_token_file": args.admin_token_file}).resolved_admin_token()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..protocol import POLICY_XARG
+
 PATCH_VERSION = "2"  # hashed into vLLM's compile-cache key (additional_config) with the rest of CONFIG_KEY
 CONFIG_KEY = "longrope"  # additional_config entry that turns per-request LongRoPE on in an engine
 EXTRA_ARGS_KEY = "longrope_set"  # SamplingParams.extra_args: the request's set, NAME@VERSION
-POLICY_KEY = "longrope_policy"  # per-request policy, in vllm_xargs (= SamplingParams.extra_args)
+POLICY_KEY = POLICY_XARG  # per-request policy, in vllm_xargs (= SamplingParams.extra_args)
 EXTENSION_QUALNAME = "server.vllm_ext.worker.LongRopeWorkerExtension"
