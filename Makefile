@@ -23,7 +23,7 @@ serve: install
 
 test: install test-tools
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

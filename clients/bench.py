@@ -18,8 +18,6 @@ import json
 import os
 import random
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,8 @@ from typing import Any
 import httpx
 
 from server.protocol import FACTOR_SET_HEADER as HEADER
+
+from .launch import free_port, launch, stop, wait_healthy
 
 DEFAULT_SETS = Path(__file__).resolve().parent.parent / "server" / "default_sets"
 
@@ -222,40 +222,6 @@ def summarise(rounds: list[tuple[list[Result], float]]) -> Summary:
 # -- servers ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    fh = log.open("w")
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"server at {url} not healthy after {timeout:.0f} s; see {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m clients.bench",
@@ -321,19 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ours_url, stock_url = args.ours_url, args.stock_url
         if ours_url is None:
-            port = _free_port()
+            port = free_port()
             cmd = [str(bindir / "longrope-serve"), "--model", args.model, "--port", str(port), *common]
             cmd += ["--factors", *factor_paths]
             procs.append(
                 (
-                    start_server(cmd, args.log_dir / "longrope-serve.log", {**env, "LONGROPE_ADMIN_TOKEN": token}),
+                    launch(cmd, args.log_dir / "longrope-serve.log", {**env, "LONGROPE_ADMIN_TOKEN": token}),
                     f"http://127.0.0.1:{port}",
                     args.log_dir / "longrope-serve.log",
                 )
             )
             ours_url = procs[-1][1]
         if stock_url is None:
-            port = _free_port()
+            port = free_port()
             overrides = json.dumps({"max_position_embeddings": args.max_model_len})
             cmd = [
                 sys.executable,
@@ -351,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             procs.append(
                 (
-                    start_server(cmd, args.log_dir / "stock-vllm.log", env),
+                    launch(cmd, args.log_dir / "stock-vllm.log", env),
                     f"http://127.0.0.1:{port}",
                     args.log_dir / "stock-vllm.log",
                 )
@@ -382,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         ours, stock = summarise(ours_rounds), summarise(stock_rounds)
     finally:
         for proc, _, _ in procs:
-            stop_server(proc)
+            stop(proc)
     report = {
         "hot_load_latency_s": hot_load.latency_s if hot_load else None,
         "hot_load": asdict(hot_load) | {"token": "***", "set_json": None} if hot_load else None,

@@ -20,7 +20,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from .bench import DEFAULT_SETS, _free_port, start_server, stop_server, wait_healthy
+from .bench import DEFAULT_SETS
+from .launch import free_port, launch, stop, wait_healthy
 
 CLIENT = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
     served = "bench-model"
     common = ["--served-model-name", served, "--host", "127.0.0.1", "--max-num-seqs", str(max(args.concurrency, 8))]
-    ours_port, stock_port = _free_port(), _free_port()
+    ours_port, stock_port = free_port(), free_port()
     ours_cmd = [str(bindir / "longrope-serve"), "--model", args.model, "--port", str(ours_port), *common]
     ours_cmd += ["--factors", *(args.factors or [str(DEFAULT_SETS)])]
     overrides = json.dumps({"max_position_embeddings": args.max_model_len})
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in servers}
     try:
         for _, cmd, _, log in servers:
-            procs.append(start_server(cmd, log, env))
+            procs.append(launch(cmd, log, env))
         for proc, (_, _, url, log) in zip(procs, servers, strict=True):
             wait_healthy(url, proc, log)
         for _, _, url, _ in servers:  # warm-up: first-request compile paths, a seed no round uses
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1} {name}: {res['duration']:.1f} s, {res['failed']} failed", file=sys.stderr)
     finally:
         for proc in procs:
-            stop_server(proc)
+            stop(proc)
     summary = {name: {k: median(x[k] for x in rs) for k in METRICS} for name, rs in results.items()}
     ratio = summary["longrope-serve"]["total_token_throughput"] / summary["stock vLLM"]["total_token_throughput"]
     report = {"throughput_ratio": ratio, "median_of_rounds": summary, "rounds": results, "workload": vars(args)}

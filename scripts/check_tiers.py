@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from clients.bench import _free_port, start_server, stop_server, wait_healthy  # noqa: E402
+from clients.launch import free_port, launch, stop, wait_healthy  # noqa: E402
 from factors.baselines import RopeGeometry, identity_set, yarn_set  # noqa: E402
 from factors.formats import save_json_set  # noqa: E402
 
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "3", "LONGROPE_ADMIN_TOKEN": TOKEN}
     servers = {}
     for label, names in (("eight", list(TIERS)), ("two", ["4k", "2048k"])):
-        port = _free_port()
+        port = free_port()
         cmd = [str(bindir / "longrope-serve"), "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]
         cmd += ["--factors", str(write_sets(work / f"sets-{label}", names)), "--registry", str(work / f"reg-{label}")]
         cmd += ["--max-num-batched-tokens", "8192", "--max-num-seqs", "4", "--served-model-name", "tiny"]
         log = args.log_dir / f"server-{label}.log"
-        servers[label] = (start_server(cmd, log, env), f"http://127.0.0.1:{port}", log)
+        servers[label] = (launch(cmd, log, env), f"http://127.0.0.1:{port}", log)
     report: dict = {"landing": {}, "hot_load_s": []}
     try:
         for proc, url, log in servers.values():
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         report["ok"] = bool(ok)
     finally:
         for proc, _, _ in servers.values():
-            stop_server(proc)
+            stop(proc)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

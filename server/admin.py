@@ -26,7 +26,7 @@ from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
 from factors.geometry import slot_bytes
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
 
-from .engine import LongRopeEngine, UnknownSetError, WorkerSetError
+from .catalogue import SetCatalogue, UnknownSetError, WorkerSetError
 from .protocol import ADMIN_PREFIX, ErrorResponse, LoadResult, RetireResult, SetListing, SetSummary
 
 logger = logging.getLogger("longrope.admin")
@@ -102,7 +102,7 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
+def set_summary(engine: SetCatalogue, fs: FactorSet) -> dict[str, Any]:
     return {
         **fs.summary(),
         "rope_state_bytes": slot_bytes(fs.rotary_dim),
@@ -115,7 +115,7 @@ def set_summary(engine: LongRopeEngine, fs: FactorSet) -> dict[str, Any]:
 ADMIN_OFF = "the admin API is off: start the server with LONGROPE_ADMIN_TOKEN or --admin-token-file"
 
 
-def build_admin_router(engine: LongRopeEngine, token: str | None, off_message: str = ADMIN_OFF) -> APIRouter:
+def build_admin_router(engine: SetCatalogue, token: str | None, off_message: str = ADMIN_OFF) -> APIRouter:
     """The /admin routes. ``token`` None: every admin route answers 404 with ``off_message`` (the API is off
     here, never open)."""
     router = APIRouter(prefix=ADMIN_PREFIX, tags=["admin"], responses=ERROR_RESPONSES)
@@ -212,7 +212,7 @@ async def _read_body(request: Request) -> bytes:
     return body
 
 
-async def _sets_from_request(engine: LongRopeEngine, request: Request) -> list[FactorSet]:
+async def _sets_from_request(engine: SetCatalogue, request: Request) -> list[FactorSet]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     monotone = request.query_params.get("monotone", "warn")
     if monotone not in ("warn", "reject", "ignore"):
@@ -239,7 +239,7 @@ async def _sets_from_request(engine: LongRopeEngine, request: Request) -> list[F
         raise AdminError(400, str(err), "invalid_factor_set") from None
 
 
-async def _csv_set(engine: LongRopeEngine, request: Request, monotone: str) -> FactorSet:
+async def _csv_set(engine: SetCatalogue, request: Request, monotone: str) -> FactorSet:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BYTES:
         raise AdminError(
@@ -319,7 +319,7 @@ def install_error_shape(app: Any) -> None:
     app.add_exception_handler(StarletteHTTPException, _framework_error)
 
 
-def install_admin(app: Any, engine: LongRopeEngine, token: str | None, off_message: str = ADMIN_OFF) -> None:
+def install_admin(app: Any, engine: SetCatalogue, token: str | None, off_message: str = ADMIN_OFF) -> None:
     """Mount the admin routes and their OpenAI-shaped error handlers on ``app`` (vLLM's app, or a
     separate admin app on its own port)."""
 

@@ -29,3 +29,20 @@ def output_modes(output_kind: Any) -> tuple[bool, bool]:
     from vllm.sampling_params import RequestOutputKind
 
     return output_kind == RequestOutputKind.DELTA, output_kind == RequestOutputKind.FINAL_ONLY
+
+
+class EngineWorkers:
+    """The engine's workers for the set catalogue: ``collective_rpc`` to the worker extension's methods, which
+    reach every rank between steps."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def load(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.engine.collective_rpc("longrope_load_set", args=(data,))
+
+    async def release(self, label: str) -> None:
+        await self.engine.collective_rpc("longrope_release_set", args=(label,))
+
+    async def status(self) -> list[dict[str, Any]]:
+        return await self.engine.collective_rpc("longrope_status")

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from clients.launch import free_port, launch, wait_healthy
+
 ADMIN_TOKEN = "test-admin-token-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -50,7 +43,7 @@ def start_server(
 ) -> RunningServer:
     """Start longrope-serve on a free loopback port and wait for /health. ``extra_args`` are appended to
     the command line; ``env`` entries override the environment (after the admin token is set or removed)."""
-    port = _free_port()
+    port = free_port()
     registry = registry or workdir / "registry"
     log = workdir / f"server-{port}.log"
     cmd = [
@@ -81,21 +74,10 @@ def start_server(
     if admin:
         full_env["LONGROPE_ADMIN_TOKEN"] = ADMIN_TOKEN
     full_env.update(env or {})
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    proc = launch(cmd, log, full_env, new_session=False)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return RunningServer(base, proc, log, registry)
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server did not become healthy:\n{log.read_text()[-4000:]}")
+    wait_healthy(base, proc, log, timeout=300)
+    return RunningServer(base, proc, log, registry)
 
 
 @pytest.fixture(scope="session")

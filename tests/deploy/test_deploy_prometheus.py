@@ -21,10 +21,12 @@ import httpx
 import openai
 import pytest
 import yaml
-from api.conftest import ADMIN_TOKEN, RunningServer, _free_port, start_server
+from api.conftest import ADMIN_TOKEN, RunningServer, start_server
 from deploy_files import PROMETHEUS_CONFIG, dashboard_queries, iter_panels, load_dashboard, substitute
 from engine_harness import ids_of
 from prometheus_client.parser import text_string_to_metric_families
+
+from clients.launch import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -71,7 +73,7 @@ def prometheus(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) 
     work = tmp_path_factory.mktemp("prometheus")
     config = work / "prometheus.yml"
     config.write_text(yaml.safe_dump(scrape_config_for(server.base.removeprefix("http://"))))
-    port = _free_port()
+    port = free_port()
     log = work / "prometheus.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(

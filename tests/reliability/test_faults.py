@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from api.conftest import ADMIN_TOKEN, RunningServer, _free_port, start_server
+from api.conftest import ADMIN_TOKEN, RunningServer, start_server
 from engine_harness import ids_of
 from reliability.common import AUTH, live_labels, set_body
+
+from clients.launch import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -94,7 +96,7 @@ def test_kill9_during_loads_then_restart_with_a_corrupt_set(tiny_llama: Path, se
 def admin_port_server(
     tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    port = _free_port()
+    port = free_port()
     srv = start_server(
         tiny_llama, set_files, tmp_path_factory.mktemp("admin-port"), extra_args=["--admin-port", str(port)]
     )
