@@ -18,7 +18,6 @@ import json
 import os
 import random
 import secrets
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ import httpx
 
 from server.protocol import FACTOR_SET_HEADER as HEADER
 
-from .launch import free_port, launch, stop, wait_healthy
+from .launch import default_model_path, free_port, launch, stop, wait_healthy
 
 DEFAULT_SETS = Path(__file__).resolve().parent.parent / "server" / "default_sets"
 
@@ -263,11 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     bindir = Path(sys.executable).parent
-    if args.model is None:
-        out = subprocess.run(
-            [str(bindir / "longrope-prepare-model"), "--print-path"], capture_output=True, text=True, check=True
-        )
-        args.model = out.stdout.strip().splitlines()[-1]
+    args.model = args.model or default_model_path()
     args.log_dir.mkdir(parents=True, exist_ok=True)
     token = os.environ.get("LONGROPE_ADMIN_TOKEN") or secrets.token_hex(16)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}

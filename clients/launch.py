@@ -10,10 +10,18 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+
+
+def default_model_path() -> str:
+    """The embedded default model's folder, prepared if needed (``longrope-prepare-model`` of this Python)."""
+    tool = Path(sys.executable).parent / "longrope-prepare-model"
+    out = subprocess.run([str(tool), "--print-path"], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from statistics import median
 from typing import Any
 
 from .bench import DEFAULT_SETS
-from .launch import free_port, launch, stop, wait_healthy
+from .launch import default_model_path, free_port, launch, stop, wait_healthy
 
 CLIENT = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     bindir = Path(sys.executable).parent
-    if args.model is None:
-        out = subprocess.run(
-            [str(bindir / "longrope-prepare-model"), "--print-path"], capture_output=True, text=True, check=True
-        )
-        args.model = out.stdout.strip().splitlines()[-1]
+    args.model = args.model or default_model_path()
     args.log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
     served = "bench-model"

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import torch
 
 ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 8, "enable_prefix_caching": True}
+
+
+@contextlib.contextmanager
+def scoped_env(**values: str) -> Iterator[None]:
+    """Set environment variables for an engine's start only (its processes read them then), restore after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ids_of(n: int, seed: int) -> list[int]:

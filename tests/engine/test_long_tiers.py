@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from engine_harness import ENGINE_KWARGS, TorchReference, collect, ids_of, max_logprob_error, prompt_logprob_list
+from engine_harness import (
+    ENGINE_KWARGS,
+    TorchReference,
+    collect,
+    ids_of,
+    max_logprob_error,
+    prompt_logprob_list,
+    scoped_env,
+)
 from faulty_worker import FAIL_PREFIX, FAULT, QUALNAME
 
 pytestmark = pytest.mark.engine
@@ -55,15 +62,8 @@ def tiers(loop, tiny_llama: Path, tier_files: Path, tmp_path_factory: pytest.Tem
         worker_extension=QUALNAME,
         engine_kwargs={**ENGINE_KWARGS, "max_num_seqs": 4},
     )
-    before = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "3"  # read by the engine process at its start only
-    try:
+    with scoped_env(VLLM_CPU_KVCACHE_SPACE="3"):
         eng = loop.run(LongRopeEngine.start(settings))
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        else:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = before
     yield eng
     eng.shutdown()
 

@@ -5,13 +5,20 @@ upgrade moves a request up on both ranks."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from engine_harness import ENGINE_KWARGS, TorchReference, collect, ids_of, max_logprob_error, prompt_logprob_list
+from engine_harness import (
+    ENGINE_KWARGS,
+    TorchReference,
+    collect,
+    ids_of,
+    max_logprob_error,
+    prompt_logprob_list,
+    scoped_env,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -29,15 +36,8 @@ def tp2(loop, tiny_llama: Path, set_files: Path) -> Iterator[object]:
         default_reserve=16,
         engine_kwargs={**ENGINE_KWARGS, "tensor_parallel_size": 2},
     )
-    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # each rank its own core (read at the engine's start)
-    try:
+    with scoped_env(VLLM_CPU_OMP_THREADS_BIND="0|1"):  # each rank its own core
         eng = loop.run(LongRopeEngine.start(settings))
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
     yield eng
     eng.shutdown()
 
