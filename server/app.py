@@ -3,9 +3,9 @@
 vLLM's own app is reused as it is (``build_app`` + ``init_app_state``: chat templates, streaming,
 logprobs, usage, ``/v1/models``, ``/health``, ``/metrics``); two things are added:
 
-- admission (:func:`server.vllm_ext.frontend.install_admission`): once a prompt is tokenised, the request
-  is admitted to a factor set (and refused with an OpenAI-shaped 400 when no window holds it) before any
-  response header is sent;
+- admission (:mod:`server.admission`, hooked by :func:`server.vllm_ext.frontend.install_admission`): once a
+  prompt is tokenised, the request is admitted to a factor set (and refused with an OpenAI-shaped 400 when
+  no window holds it) before any response header is sent;
 - an ASGI middleware (:mod:`server.middleware`) adds ``x-longrope-factor-set: NAME@VERSION`` to the
   response, streamed or not.
 """
@@ -23,7 +23,7 @@ from factors.schema import FactorSetError
 
 from .admin import install_admin
 from .engine import EngineSettings, LongRopeEngine
-from .middleware import FactorSetHeaderMiddleware, record_admitted
+from .middleware import FactorSetHeaderMiddleware
 from .policy import POLICIES, RequestTooLong
 from .settings import ServerSettings
 from .vllm_ext import UnsupportedVllmVersion, check_vllm_version
@@ -40,6 +40,7 @@ from .vllm_ext.frontend import (
 logger = logging.getLogger("longrope.app")
 
 DEFAULT_SETS_DIR = Path(__file__).parent / "default_sets"
+
 
 def build_parser(settings: ServerSettings) -> argparse.ArgumentParser:
     parser = new_parser(
@@ -149,7 +150,7 @@ async def serve(args: argparse.Namespace, model_given: bool, admin_token: str | 
     background: list[asyncio.Task] = []
     try:
         app, sock, listen_address = await build_openai_app(engine, args)
-        install_admission(app.state, engine.admit, record_admitted)
+        install_admission(app.state, engine.admission.admit_prompts)
         if admin_token is None:
             logger.warning("admin API is off (no LONGROPE_ADMIN_TOKEN / --admin-token-file)")
             install_admin(app, engine, None)

@@ -79,7 +79,8 @@ class SetCatalogue:
                         logger.error("REGISTRY: %s (rollback to it will not be possible)", err)
 
     # -- requests on versions
-    def _count(self, assignment: Assignment) -> None:
+    def count(self, assignment: Assignment) -> None:
+        """Count a request on its set version (admission, or an upgrade's move)."""
         self.in_flight[assignment.key] += 1
         self.served[assignment.key] += 1
 

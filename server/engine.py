@@ -1,7 +1,8 @@
 """The LongRoPE engine: a vLLM ``AsyncLLM`` whose requests each carry their own factor set.
 
 :class:`LongRopeEngine` is a drop-in engine client: vLLM's OpenAI serving layer (and the tests) call its
-``generate`` as they would ``AsyncLLM.generate``; it assigns the request a set (policy), writes the set's
+``generate`` as they would ``AsyncLLM.generate``; it takes the request's set from its admission
+(:mod:`server.admission`), writes the set's
 ``name@version`` into ``SamplingParams.extra_args`` and the prompt's ``cache_salt``, caps generation at the
 set's window, runs an upgraded request's phases (:mod:`server.phases`), and counts requests per set version
 in its catalogue (:mod:`server.catalogue`), so a replaced version is dropped from the workers only after its
@@ -22,14 +23,14 @@ from factors.formats import ModelRope
 from factors.schema import FactorSet, FactorSetError
 
 from . import metrics
+from .admission import Admission
 from .catalogue import SetCatalogue, UnknownSetError, WorkerSetError
 from .phases import PhaseJoiner, UpgradeRecord
-from .policy import AdmissionPolicy, Assignment, RequestTooLong, check_policy, phase_limit, upgrade_target
+from .policy import AdmissionPolicy, Assignment, RequestTooLong, phase_limit, upgrade_target
 from .registry import Registry
 from .startup import EngineSettings, plan_engine_args, startup_sets
-from .vllm_ext import EXTRA_ARGS_KEY, POLICY_KEY
+from .vllm_ext import EXTRA_ARGS_KEY
 from .vllm_ext.engine_client import EngineWorkers, start_async_llm
-from .vllm_ext.frontend import ASSIGNMENT_KEY
 
 logger = logging.getLogger("longrope.engine")
 
@@ -50,7 +51,9 @@ class LongRopeEngine(SetCatalogue):
         super().__init__(EngineWorkers(engine), model, sets, max_model_len, registry)
         self.engine = engine
         self.settings = settings
-        self.policy = AdmissionPolicy(default_reserve=settings.default_reserve, default_policy=settings.policy)
+        self.admission = Admission(
+            self, AdmissionPolicy(default_reserve=settings.default_reserve, default_policy=settings.policy)
+        )
         self.assignments: dict[str, Assignment] = {}
         self.upgrade_log: deque[UpgradeRecord] = deque(maxlen=1000)
         self._engine_ids: dict[str, str] = {}  # request id -> id of the engine request running it now
@@ -90,27 +93,8 @@ class LongRopeEngine(SetCatalogue):
 
     # -- requests
     def assign(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
-        policy = check_policy(policy) if policy is not None else self.policy.default_policy
-        if n > 1 and policy == "upgrade":
-            # Several choices would outgrow the window at different tokens; admit them on the budget instead.
-            policy = "reserve"
-        return self.policy.assign(self.table, prompt_tokens, max_tokens, policy)
-
-    def admit(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
-        """Assign a set and count the request on its version from this moment on, so the version's
-        table rows cannot be released before the request reaches the engine."""
-        try:
-            assignment = self.assign(prompt_tokens, max_tokens, policy, n)
-        except RequestTooLong:
-            metrics.REJECTIONS.labels("too_long").inc()
-            raise
-        except ValueError:
-            metrics.REJECTIONS.labels("bad_request").inc()
-            raise
-        self._count(assignment)
-        fs = assignment.set
-        metrics.PROMPT_TOKENS.labels(fs.name, str(fs.version)).observe(prompt_tokens)
-        return assignment
+        """The set a request would get now (see :meth:`server.admission.Admission.assign`)."""
+        return self.admission.assign(prompt_tokens, max_tokens, policy, n)
 
     async def generate(
         self,
@@ -124,8 +108,8 @@ class LongRopeEngine(SetCatalogue):
         """``AsyncLLM.generate`` with the request's factor set assigned first.
 
         ``prompt`` must be tokenised (``{"prompt_token_ids": [...]}``), as vLLM's serving layer passes it.
-        It may carry an assignment made earlier by :meth:`admit` (the HTTP layer admits at render time,
-        before response headers go out). Otherwise ``requested_max_tokens`` is what the client asked for
+        Its set is the admission made for it at render time over HTTP (:mod:`server.admission`); a request
+        given to the engine directly is admitted here. ``requested_max_tokens`` is what the client asked for
         (None: nothing); by default the sampling params' max_tokens counts as asked for, and the policy is
         ``extra_args["longrope_policy"]`` or the engine's default.
 
@@ -137,15 +121,7 @@ class LongRopeEngine(SetCatalogue):
         """
         if not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
             raise TypeError("LongRopeEngine.generate needs a tokenised prompt ({'prompt_token_ids': [...]})")
-        prompt = dict(prompt)
-        assignment: Assignment | None = prompt.pop(ASSIGNMENT_KEY, None)
-        if assignment is not None:
-            assignment.started = True
-        else:
-            asked = sampling_params.max_tokens if requested_max_tokens == "from-params" else requested_max_tokens
-            policy = (sampling_params.extra_args or {}).get(POLICY_KEY)
-            n = getattr(sampling_params, "n", 1) or 1
-            assignment = self.admit(len(prompt["prompt_token_ids"]), asked, policy, n)  # raises before anything runs
+        assignment = self.admission.claim(prompt["prompt_token_ids"], sampling_params, requested_max_tokens)
         budget = min(assignment.max_tokens, sampling_params.max_tokens or assignment.max_tokens)
         prompt_ids = list(prompt["prompt_token_ids"])
         user_salt = prompt.get("cache_salt")
@@ -227,7 +203,7 @@ class LongRopeEngine(SetCatalogue):
         """Move a request to a larger set: count it there, end its count on the old version (whose rows
         may then be freed), record and log the move. The caller recomputes the cache under the new set."""
         moved = dataclasses.replace(current, set=target, started=True, ended=False, upgraded_to=None)
-        self._count(moved)
+        self.count(moved)
         current.upgraded_to = moved
         await self.end_admission(current)
         record = UpgradeRecord(request_id, current.key, moved.key, seq_len, time.monotonic())

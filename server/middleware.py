@@ -1,14 +1,12 @@
 """The response side of admission: every response of an admitted request says which factor set served it.
 
 :class:`FactorSetHeaderMiddleware` (pure ASGI) holds the admissions made while one HTTP request is handled
-(the render hook records them through :func:`record_admitted`), labels the response's headers, JSON body or
-streamed chunks, ends admissions whose request never reached the engine, and answers 503 once the engine
-died.
+(the scope of :meth:`server.admission.Admission.http_request`), labels the response's headers, JSON body or
+streamed chunks, and answers 503 once the engine died.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
 from typing import Any
 
@@ -17,12 +15,6 @@ from .policy import Assignment
 from .protocol import FACTOR_SET_FIELD as BODY_FIELD
 from .protocol import FACTOR_SET_HEADER as HEADER
 from .protocol import UPGRADES_FIELD, UPGRADES_HEADER
-
-# The admissions made while handling the current HTTP request (a mutable holder, so what the handler
-# adds is seen by the middleware however the context is copied).
-_admitted: contextvars.ContextVar[list[Assignment] | None] = contextvars.ContextVar("longrope_admitted", default=None)
-
-
 
 
 def _labels(holder: list[Assignment]) -> tuple[str, str | None]:
@@ -90,7 +82,8 @@ class FactorSetHeaderMiddleware:
       streamed chunk, where it names the set that chunk's tokens came from (OpenAI clients ignore unknown
       fields).
 
-    It also ends admissions whose request never reached the engine (e.g. refused by a later validation)."""
+    Each HTTP request runs inside its admission scope, which ends the admissions whose request never reached
+    the engine (e.g. refused by a later validation)."""
 
     def __init__(self, app: Any, engine: LongRopeEngine) -> None:
         self.app = app
@@ -106,8 +99,10 @@ class FactorSetHeaderMiddleware:
         if self._engine_dead() and scope.get("path", "").startswith("/v1/"):
             await _send_engine_dead(send)
             return
-        holder: list[Assignment] = []
-        token = _admitted.set(holder)
+        async with self.engine.admission.http_request() as admissions:
+            await self._annotated(scope, receive, send, admissions.admitted)
+
+    async def _annotated(self, scope: dict, receive: Any, send: Any, holder: list[Assignment]) -> None:
         state: dict[str, Any] = {"start": None, "mode": "pass", "body": []}
 
         def with_headers(message: dict) -> dict:
@@ -149,17 +144,4 @@ class FactorSetHeaderMiddleware:
             await send({**start, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
-        try:
-            await self.app(scope, receive, send_annotated)
-        finally:
-            _admitted.reset(token)
-            for assignment in holder:
-                if not assignment.started:
-                    await self.engine.end_admission(assignment)
-
-
-def record_admitted(assignments: list[Assignment]) -> None:
-    """Hand the admissions of the current HTTP request to its middleware (which labels and ends them)."""
-    holder = _admitted.get()
-    if holder is not None:
-        holder.extend(assignments)
+        await self.app(scope, receive, send_annotated)

@@ -1,9 +1,9 @@
 """longrope-serve's hooks into vLLM's OpenAI server (vLLM 0.32 names): argument parser, app, launcher, and
 admission inside the completion and chat serving classes.
 
-Admission wraps the serving objects' ``render_*_request`` methods: once vLLM has tokenised a prompt, every
-prompt of the request is admitted to a factor set (or refused with an OpenAI-shaped 400 when no window holds
-it) before any response header is sent.
+The admission hook wraps the serving objects' ``render_*_request`` methods: once vLLM has tokenised a
+request, its prompts go to :mod:`server.admission` (which decides and keeps the admissions) before any
+response header is sent; a refusal becomes vLLM's OpenAI-shaped 400.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from http import HTTPStatus
 from typing import Any
 
 from .keys import POLICY_KEY
-
-ASSIGNMENT_KEY = "_longrope_assignment"  # an admitted Assignment riding on the prompt dict
 
 
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -76,53 +74,37 @@ def policy_of(request: Any) -> str | None:
     return xargs.get(POLICY_KEY)
 
 
-AdmitFn = Callable[[int, "int | None", "str | None", int], Any]
-RecordFn = Callable[[list[Any]], None]
+AdmitPromptsFn = Callable[[list[Any], "int | None", "str | None", int], None]
 
 
-def _admit_inputs(
-    admit: AdmitFn, record: RecordFn, serving: Any, engine_inputs: list[Any], request: Any, requested: int | None
-) -> Any:
-    """Admit every tokenised prompt of a request; an OpenAI 400 if one does not fit."""
-    admitted = []
-    try:
-        policy, n = policy_of(request), getattr(request, "n", 1) or 1
-        for ei in engine_inputs:
-            if isinstance(ei, dict) and "prompt_token_ids" in ei:
-                assignment = admit(len(ei["prompt_token_ids"]), requested, policy, n)
-                ei[ASSIGNMENT_KEY] = assignment
-                admitted.append(assignment)
-    except ValueError as err:  # RequestTooLong or a bad per-request policy
-        record(admitted)  # the middleware ends the admissions made before the failure
-        return serving.create_error_response(str(err), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
-    record(admitted)
-    return None
-
-
-def _wrap_render(admit: AdmitFn, record: RecordFn, serving: Any, method: str, inputs_of: Any, requested_of: Any) -> None:
+def _wrap_render(admit_prompts: AdmitPromptsFn, serving: Any, method: str, inputs_of: Any, requested_of: Any) -> None:
     original = getattr(serving, method)
 
     async def render(request: Any) -> Any:
         result = await original(request)
         engine_inputs = inputs_of(result)
-        if engine_inputs is not None:
-            error = _admit_inputs(admit, record, serving, engine_inputs, request, requested_of(request))
-            if error is not None:
-                return error
+        if engine_inputs is None:  # vLLM's own error response
+            return result
+        prompts = [ei["prompt_token_ids"] for ei in engine_inputs if isinstance(ei, dict) and "prompt_token_ids" in ei]
+        try:
+            admit_prompts(prompts, requested_of(request), policy_of(request), getattr(request, "n", 1) or 1)
+        except ValueError as err:  # RequestTooLong or a bad per-request policy
+            return serving.create_error_response(
+                str(err), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
+            )
         return result
 
     setattr(serving, method, render)
 
 
-def install_admission(state: Any, admit: AdmitFn, record: RecordFn) -> None:
-    """Admission around the completion and chat serving objects' render methods. ``admit(prompt_tokens,
-    max_tokens, policy, n)`` returns an assignment or raises ValueError; ``record`` receives the
-    assignments made for the current HTTP request."""
+def install_admission(state: Any, admit_prompts: AdmitPromptsFn) -> None:
+    """Admission around the completion and chat serving objects' render methods: ``admit_prompts(token id
+    lists, max_tokens, policy, n)`` admits the request's tokenised prompts or raises ValueError, which is
+    answered with OpenAI's 400 before any response header is sent."""
     completion = getattr(state, "openai_serving_completion", None)
     if completion is not None:
         _wrap_render(
-            admit,
-            record,
+            admit_prompts,
             completion,
             "render_completion_request",
             lambda result: result if isinstance(result, list) else None,
@@ -131,8 +113,7 @@ def install_admission(state: Any, admit: AdmitFn, record: RecordFn) -> None:
     chat = getattr(state, "openai_serving_chat", None)
     if chat is not None:
         _wrap_render(
-            admit,
-            record,
+            admit_prompts,
             chat,
             "render_chat_request",
             lambda result: result[1] if isinstance(result, tuple) else None,

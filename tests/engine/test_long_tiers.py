@@ -87,7 +87,9 @@ def test_million_token_tier_serves_short_and_long_prompts_exactly(tiers, loop, r
         fs = tiers.table.get(name)
         ref = reference.prompt_logprobs(ids, fs.factors, fs.n_hat, fs.resolved_mscale)
         got = prompt_logprob_list(out, ids)
-        print(f"{name} ({n} tokens): max |Δ prompt logprob| = {max(abs(a - b) for a, b in zip(got, ref, strict=True)):.2e}")
+        print(
+            f"{name} ({n} tokens): max |Δ prompt logprob| = {max(abs(a - b) for a, b in zip(got, ref, strict=True)):.2e}"
+        )
         assert max_logprob_error(got, ref) <= 1
         assert list(out.outputs[0].token_ids) == reference.greedy(ids, 6, fs.factors, fs.n_hat, fs.resolved_mscale)
 

@@ -35,16 +35,16 @@ def test_mixed_sets_in_one_batch_match_reference(family, loop) -> None:
     prompts = [ids_of(n, 2000 + n) for n, _ in CASES]
 
     async def together():
-        return await asyncio.gather(
-            *(collect(engine, ids, f"{name}-{len(ids)}", GREEDY_TOKENS) for ids in prompts)
-        )
+        return await asyncio.gather(*(collect(engine, ids, f"{name}-{len(ids)}", GREEDY_TOKENS) for ids in prompts))
 
     for (n, set_name), ids, out in zip(CASES, prompts, loop.run(together()), strict=True):
         assert engine.assign(n, GREEDY_TOKENS).set.name == set_name
         fs = engine.table.get(set_name)
         ref = reference.prompt_logprobs(ids, fs.factors, fs.n_hat, fs.resolved_mscale)
         got = prompt_logprob_list(out, ids)
-        print(f"{name} {set_name}: max |Δ prompt logprob| = {max(abs(a - b) for a, b in zip(got, ref, strict=True)):.2e}")
+        print(
+            f"{name} {set_name}: max |Δ prompt logprob| = {max(abs(a - b) for a, b in zip(got, ref, strict=True)):.2e}"
+        )
         assert max_logprob_error(got, ref) <= 1
         want = reference.greedy(ids, GREEDY_TOKENS, fs.factors, fs.n_hat, fs.resolved_mscale)
         assert list(out.outputs[0].token_ids) == want, f"{name} {set_name}: greedy tokens differ"

@@ -24,9 +24,7 @@ def _preemptions() -> float:
     """vLLM's own counter (the engine built last owns the process's ``vllm:`` Prometheus collectors)."""
     from prometheus_client import REGISTRY
 
-    return sum(
-        s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_preemptions_total"
-    )
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "vllm:num_preemptions_total")
 
 
 @pytest.fixture(scope="module")

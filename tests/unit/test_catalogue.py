@@ -5,68 +5,22 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
+from memory_catalogue import MemoryWorkers, make_catalogue, make_set
 
-from factors import FactorSet, FactorSetError, parse_factor_set
-from factors.formats import ModelRope
-from factors.geometry import RopeGeometry
-from server.catalogue import SetCatalogue, UnknownSetError, WorkerSetError
+from factors import FactorSetError
+from server.catalogue import UnknownSetError, WorkerSetError
 from server.policy import Assignment
 from server.registry import Registry
 
 
-class MemoryWorkers:
-    """Ranks that hold slots the way the engine's workers do; ``fail_on`` makes one rank refuse a name."""
-
-    def __init__(self, ranks: int = 2) -> None:
-        self.slots: list[set[str]] = [set() for _ in range(ranks)]
-        self.fail_on: tuple[int, str] | None = None
-
-    async def load(self, data: dict[str, Any]) -> list[dict[str, Any]]:
-        label = f"{data['name']}@{data['version']}"
-        results = []
-        for rank, held in enumerate(self.slots):
-            if self.fail_on == (rank, data["name"]):
-                results.append({"ok": False, "error": "RuntimeError: rank lost its device"})
-                continue
-            results.append({"ok": True, "loaded": label not in held})
-            held.add(label)
-        return results
-
-    async def release(self, label: str) -> None:
-        for held in self.slots:
-            held.discard(label)
-
-    async def status(self) -> list[dict[str, Any]]:
-        return [{"slots": {k: {} for k in held}, "rope_bytes": 1000, "step_tokens": 16} for held in self.slots]
-
-
-def _set(name: str, window: int, top: float = 2.0, version: int | None = 1) -> FactorSet:
-    body = {"name": name, "factors": [1.0, top], "rope_theta": 10000.0, "rotary_dim": 4}
-    return parse_factor_set({**body, "original_max_len": 128, "max_len": window, "version": version})
-
-
-MODEL = ModelRope(RopeGeometry(10000.0, 4, 128), 128, "default", None, 4)
-
-
-def _catalogue(workers: MemoryWorkers, registry: Registry | None = None) -> SetCatalogue:
-    sets = [_set("short", 128), _set("long", 1024)]
-    if registry is not None:
-        sets = registry.restore(sets)
-    cat = SetCatalogue(workers, MODEL, sets, 1024, registry)
-    for fs in sets:
-        asyncio.run(workers.load(fs.model_dump(mode="json")))
-    return cat
-
-
 def test_load_makes_a_new_version_and_drops_the_old_after_its_last_request(tmp_path: Path) -> None:
     workers = MemoryWorkers()
-    cat = _catalogue(workers, Registry(tmp_path))
+    cat = make_catalogue(workers, Registry(tmp_path))
     running = Assignment(set=cat.table.get("long"), max_tokens=10, prompt_tokens=500)
-    cat._count(running)
-    loaded = asyncio.run(cat.load_set(_set("long", 1024, top=3.0, version=None)))
+    cat.count(running)
+    loaded = asyncio.run(cat.load_set(make_set("long", 1024, top=3.0, version=None)))
     assert loaded.label == "long@2" and cat.table.get("long").label == "long@2"
     assert sorted(cat.history["long"]) == [1, 2]
     assert all({"long@1", "long@2"} <= held for held in workers.slots), "long@1 dropped while in flight"
@@ -77,10 +31,10 @@ def test_load_makes_a_new_version_and_drops_the_old_after_its_last_request(tmp_p
 
 def test_rollback_and_retire_rules() -> None:
     workers = MemoryWorkers()
-    cat = _catalogue(workers)
+    cat = make_catalogue(workers)
     with pytest.raises(FactorSetError, match="no earlier version"):
         asyncio.run(cat.rollback_set("long"))
-    asyncio.run(cat.load_set(_set("long", 1024, top=3.0, version=None)))
+    asyncio.run(cat.load_set(make_set("long", 1024, top=3.0, version=None)))
     assert asyncio.run(cat.rollback_set("long")).label == "long@1"
     with pytest.raises(FactorSetError, match="only set serving 129–1024 tokens"):
         asyncio.run(cat.retire_set("long"))
@@ -96,11 +50,11 @@ def test_rollback_and_retire_rules() -> None:
 def test_a_rank_that_cannot_take_a_set_changes_nothing(tmp_path: Path) -> None:
     workers = MemoryWorkers()
     registry = Registry(tmp_path)
-    cat = _catalogue(workers, registry)
+    cat = make_catalogue(workers, registry)
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
     workers.fail_on = (1, "long")
     with pytest.raises(WorkerSetError, match=r"long@2: RuntimeError: rank lost its device \(1 of 2 workers failed\)"):
-        asyncio.run(cat.load_set(_set("long", 1024, top=3.0, version=None)))
+        asyncio.run(cat.load_set(make_set("long", 1024, top=3.0, version=None)))
     assert cat.table.get("long").label == "long@1" and sorted(cat.history["long"]) == [1]
     assert all("long@2" not in held for held in workers.slots), "the rank that took it kept it"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json")) == files
@@ -109,13 +63,13 @@ def test_a_rank_that_cannot_take_a_set_changes_nothing(tmp_path: Path) -> None:
 
 def test_replicas_sync_through_the_registry(tmp_path: Path) -> None:
     a_workers, b_workers = MemoryWorkers(), MemoryWorkers()
-    a, b = _catalogue(a_workers, Registry(tmp_path)), _catalogue(b_workers, Registry(tmp_path))
-    asyncio.run(a.load_set(_set("long", 1024, top=3.0, version=None)))
+    a, b = make_catalogue(a_workers, Registry(tmp_path)), make_catalogue(b_workers, Registry(tmp_path))
+    asyncio.run(a.load_set(make_set("long", 1024, top=3.0, version=None)))
     assert asyncio.run(b.sync_from_registry()) == ["long@1 -> long@2"]
     assert b.table.get("long").label == "long@2" and all("long@2" in held for held in b_workers.slots)
     assert asyncio.run(b.sync_from_registry()) == []
 
 
 def test_rope_status_reports_the_largest_rank() -> None:
-    cat = _catalogue(MemoryWorkers())
+    cat = make_catalogue(MemoryWorkers())
     assert asyncio.run(cat.rope_status()) == {"state_bytes": 1000, "step_tokens": 16, "versions_held": 2, "workers": 2}
