@@ -8,6 +8,9 @@ identical requests. Reports requests/s, token throughput, TTFT and latency perce
 
 Talks HTTP only; it starts the two servers as subprocesses (``longrope-serve`` and
 ``python -m vllm.entrypoints.openai.api_server``) unless given their URLs.
+
+Length (≈470 lines): one benchmark — workload, A/B rounds, the hot-load under load and the report — whose
+parts share one measurement record; split, each part would be read only with the others.
 """
 
 from __future__ import annotations

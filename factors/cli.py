@@ -1,4 +1,7 @@
-"""``longrope-factors``: inspect, validate, convert, generate and plot LongRoPE factor sets."""
+"""``longrope-factors``: inspect, validate, convert, generate and plot LongRoPE factor sets.
+
+Length (≈315 lines): most of it is the argparse help of six commands, kept beside the commands it explains.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """``longrope-factors search | eval | passkey | plot-ppl``: find and measure factor sets.
 
 These commands load a Hugging Face model (transformers, CPU or CUDA); they never import vLLM.
+
+Length (≈350 lines): most of it is the argparse help of four commands, kept beside the commands it explains.
 """
 
 from __future__ import annotations

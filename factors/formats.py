@@ -7,6 +7,9 @@
   Phi-3 configs) ↔ a short set (window = original) and a long set (window =
   ``max_position_embeddings``). As in transformers, one ``attention_factor`` serves both unless the
   block has Phi-3-small's ``short_mscale`` / ``long_mscale``.
+
+Length (≈390 lines): three formats in both directions; each reader sits next to its writer so a round trip
+is checked in one place.
 """
 
 from __future__ import annotations

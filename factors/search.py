@@ -8,6 +8,9 @@ the paper's constraints: λ_i non-decreasing across the frequency index, ``low �
 ``N_HAT_CHOICES``. Evaluations are memoised by (λ, n̂); the state (population, memo, RNG) is written
 to a JSON checkpoint after every generation, and a resumed run continues exactly where the
 interrupted one stopped, so both give the same result for the same seed.
+
+Length (≈455 lines): one algorithm — its configuration, the population loop and the checkpoint that makes
+resume exact — kept together because the checkpoint must hold every piece of the loop's state.
 """
 
 from __future__ import annotations

@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     fills = {d: {t: fill_ms(d, t, 200 if t < 8192 else 30) for t in TOKENS} for d in DIMS}
     steps = None if args.no_engine else asyncio.run(engine_steps_ms())
-    print(f"{'tokens':>8} | " + " | ".join(f"fill rd={d} (ms)" for d in DIMS) + (" | SmolLM2 step (ms) | share" if steps else ""))
+    print(
+        f"{'tokens':>8} | "
+        + " | ".join(f"fill rd={d} (ms)" for d in DIMS)
+        + (" | SmolLM2 step (ms) | share" if steps else "")
+    )
     for t in TOKENS:
         row = f"{t:>8} | " + " | ".join(f"{fills[d][t]:>15.3f}" for d in DIMS)
         if steps:

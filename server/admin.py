@@ -8,6 +8,9 @@
     DELETE /admin/factors/{name}             retire a set (not the only one reaching its window)
 
 Every error is OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
+
+Length (≈335 lines): four routes and the three request formats a load accepts (JSON, HF config,
+multipart CSV), with their OpenAI-shaped errors; the parsing of each format belongs to its route.
 """
 
 from __future__ import annotations

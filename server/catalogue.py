@@ -4,6 +4,9 @@ synced with replicas sharing it.
 
 It talks to the engine's workers only through :class:`Workers` (give a set, release a set, report), so it runs
 and is unit-tested without vLLM; :class:`~server.vllm_ext.engine_client.EngineWorkers` is the vLLM one.
+
+Length (≈330 lines): the version lifecycle is one state machine (history, live table, in-flight counts,
+registry, workers); every transition holds the same lock and must keep all five consistent.
 """
 
 from __future__ import annotations
