@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,54 @@ def run_slow(config: pytest.Config) -> bool:
     except ValueError:
         pass
     return option or os.environ.get("LONGROPE_RUN_SLOW", "") not in ("", "0")
+
+
+STATIC = {"original@1", "mid@1", "nhat@1"}  # the start-up sets; the load tests' admin calls never touch them
+
+
+@dataclass
+class Outcome:
+    """One request of a load test: when it was sent and answered, its status and the set labels it names."""
+
+    sent: float
+    done: float
+    status: int
+    labels: list[str]
+    kind: str = ""
+    index: int = -1
+    upgrades: str | None = None
+    tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class AdminEvent:
+    """One admin call of a load test; ``live_after``: the churned set's live label once it returned (None: retired)."""
+
+    action: str
+    started: float
+    finished: float
+    live_after: str | None
+
+
+def live_windows(events: list[AdminEvent]) -> dict[str, list[tuple[float, float]]]:
+    """Per label of the churned set, the intervals in which it may have been live: from the start of the call
+    that made it live to the end of the call that replaced or retired it."""
+    windows: dict[str, list[tuple[float, float]]] = {}
+    current: str | None = None
+    for ev in events:
+        if current is not None:
+            lo, _ = windows[current][-1]
+            windows[current][-1] = (lo, ev.finished)
+        if ev.live_after is not None:
+            windows.setdefault(ev.live_after, []).append((ev.started, float("inf")))
+        current = ev.live_after
+    return windows
+
+
+def was_live(label: str, o: Outcome, windows: dict[str, list[tuple[float, float]]]) -> bool:
+    """A start-up set, or a churned label live at some moment while the request was in flight."""
+    return label in STATIC or any(lo <= o.done and o.sent <= hi for lo, hi in windows.get(label, []))
 
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

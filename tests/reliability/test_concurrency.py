@@ -11,40 +11,18 @@ import asyncio
 import random
 import statistics
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
 from api.conftest import RunningServer
 from engine_harness import ids_of
-from reliability.common import AUTH, probe_outputs, run_slow, set_body
+from reliability.common import AUTH, AdminEvent, Outcome, live_windows, probe_outputs, run_slow, set_body, was_live
 
 pytestmark = pytest.mark.engine
 
 CLIENTS = 64
 ADMIN_EVERY_S = 3.0
-STATIC = {"original@1", "mid@1", "nhat@1"}  # start-up sets; no admin call touches them here
 CHURN = "churn"  # window 512: prompts of 260–480 tokens land on it while it is live, on mid otherwise
-
-
-@dataclass
-class Outcome:
-    kind: str
-    sent: float
-    done: float
-    status: int
-    labels: list[str]
-    upgrades: str | None
-    tokens: int = 0
-    error: str = ""
-
-
-@dataclass
-class AdminEvent:
-    action: str
-    started: float
-    finished: float
-    live_after: str | None  # the churn set's live label once the call returned (None: retired)
 
 
 KINDS = ("short", "churn", "long", "stream", "upgrade")
@@ -75,9 +53,11 @@ async def one_request(client: httpx.AsyncClient, index: int, rng: random.Random)
             status, headers = r.status_code, r.headers
             tokens = r.json()["usage"]["completion_tokens"] if status == 200 else 0
     except httpx.HTTPError as err:
-        return Outcome(kind, sent, time.monotonic(), 0, [], None, error=repr(err))
+        return Outcome(sent, time.monotonic(), 0, [], kind=kind, error=repr(err))
     labels = [x for x in headers.get("x-longrope-factor-set", "").split(",") if x]
-    return Outcome(kind, sent, time.monotonic(), status, labels, headers.get("x-longrope-upgrades"), tokens)
+    return Outcome(
+        sent, time.monotonic(), status, labels, kind=kind, upgrades=headers.get("x-longrope-upgrades"), tokens=tokens
+    )
 
 
 async def admin(client: httpx.AsyncClient, action: str, events: list[AdminEvent], k: int) -> None:
@@ -95,21 +75,6 @@ async def admin(client: httpx.AsyncClient, action: str, events: list[AdminEvent]
         assert r.status_code == 200, r.text
         label = None
     events.append(AdminEvent(action, started, time.monotonic(), label))
-
-
-def live_windows(events: list[AdminEvent]) -> dict[str, list[tuple[float, float]]]:
-    """Per churn label, the intervals in which it may have been live: from the start of the call that made
-    it live to the end of the call that replaced or retired it."""
-    windows: dict[str, list[tuple[float, float]]] = {}
-    current: str | None = None
-    for ev in events:
-        if current is not None:
-            lo, _ = windows[current][-1]
-            windows[current][-1] = (lo, ev.finished)
-        if ev.live_after is not None:
-            windows.setdefault(ev.live_after, []).append((ev.started, float("inf")))
-        current = ev.live_after
-    return windows
 
 
 async def churn(base: str, seconds: float) -> tuple[list[Outcome], list[AdminEvent], float]:
@@ -151,9 +116,7 @@ def test_64_clients_with_hot_load_churn(rel_server: RunningServer, request: pyte
         for o in outcomes:
             assert len(o.labels) == 1, o
             (label,) = o.labels
-            if label in STATIC:
-                continue
-            if not any(lo <= o.done and o.sent <= hi for lo, hi in windows.get(label, [])):
+            if not was_live(label, o, windows):
                 wrong.append((o.kind, label, o.sent, o.done))
         assert not wrong, (wrong[:3], windows)
         for o in outcomes:

@@ -9,36 +9,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
 from api.conftest import RunningServer
 from engine_harness import ids_of
-from reliability.common import AUTH, probe_outputs, run_slow, set_body
+from reliability.common import AUTH, AdminEvent, Outcome, live_windows, probe_outputs, run_slow, set_body, was_live
 
 pytestmark = pytest.mark.engine
 
 CONCURRENCY = 8
-STATIC = {"original@1", "mid@1", "nhat@1"}  # start-up sets; no admin call touches them here
-
-
-@dataclass
-class Outcome:
-    index: int
-    sent: float
-    done: float
-    status: int
-    labels: list[str]
-    error: str = ""
-
-
-@dataclass
-class AdminEvent:
-    action: str
-    started: float
-    finished: float
-    live_after: str  # the soak set's live label once the call returned
 
 
 async def one_request(client: httpx.AsyncClient, index: int, rng: random.Random) -> Outcome:
@@ -62,8 +42,8 @@ async def one_request(client: httpx.AsyncClient, index: int, rng: random.Random)
                 usage = r.json()["usage"]
                 assert usage["prompt_tokens"] == length and 1 <= usage["completion_tokens"] <= max_tokens
     except (httpx.HTTPError, AssertionError) as err:
-        return Outcome(index, sent, time.monotonic(), 0, [], repr(err))
-    return Outcome(index, sent, time.monotonic(), status, [x for x in header.split(",") if x])
+        return Outcome(sent, time.monotonic(), 0, [], index=index, error=repr(err))
+    return Outcome(sent, time.monotonic(), status, [x for x in header.split(",") if x], index=index)
 
 
 async def admin(client: httpx.AsyncClient, action: str, events: list[AdminEvent]) -> None:
@@ -77,21 +57,6 @@ async def admin(client: httpx.AsyncClient, action: str, events: list[AdminEvent]
         assert r.status_code == 200, r.text
         label = r.json()["label"]
     events.append(AdminEvent(action, started, time.monotonic(), label))
-
-
-def live_windows(events: list[AdminEvent], start: float) -> dict[str, tuple[float, float]]:
-    """For each soak label, the widest interval in which it may have been live: from the start of the call
-    that made it live to the end of the call that replaced it (open at the end)."""
-    windows: dict[str, tuple[float, float]] = {}
-    current: str | None = None
-    for ev in events:
-        if current is not None:
-            lo, _ = windows[current]
-            windows[current] = (lo, ev.finished)
-        lo = windows[ev.live_after][0] if ev.live_after in windows else ev.started
-        windows[ev.live_after] = (min(lo, ev.started), float("inf"))
-        current = ev.live_after
-    return windows
 
 
 async def soak(base: str, total: int) -> tuple[list[Outcome], list[AdminEvent], float]:
@@ -132,17 +97,14 @@ def test_soak_with_hot_loads_and_rollback(rel_server: RunningServer, request: py
         failed = [o for o in outcomes if o.status != 200]
         assert len(outcomes) == total and not failed, failed[:5]
         assert [e.action for e in events] == ["load", "load", "rollback", "load"]
-        windows = live_windows(events, 0.0)
+        windows = live_windows(events)
         soak_labels = [e.live_after for e in events]
         assert soak_labels[2] == soak_labels[0]  # the rollback went back to the first loaded version
         wrong = []
         for o in outcomes:
             assert o.labels, o
             for label in o.labels:
-                if label in STATIC:
-                    continue
-                lo, hi = windows.get(label, (float("inf"), float("-inf")))
-                if not (lo <= o.done and o.sent <= hi):
+                if not was_live(label, o, windows):
                     wrong.append((o.index, label, o.sent, o.done, windows))
         assert not wrong, wrong[:3]
         used = {label for o in outcomes for label in o.labels}
