@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from clients.launch import free_port, launch, stop, wait_healthy  # noqa: E402
 from factors.baselines import RopeGeometry, identity_set, yarn_set  # noqa: E402
 from factors.formats import save_json_set  # noqa: E402
+from server.protocol import FACTOR_SET_HEADER  # noqa: E402
 
 TOKEN = "check-tiers-token"
 TIERS = {"4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768, "256k": 262144, "512k": 524288}
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = [rng.randrange(100, 40000) for _ in range(n)]
             t0 = time.monotonic()
             r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1}, timeout=900)
-            got = r.headers.get("x-longrope-factor-set", "")
+            got = r.headers.get(FACTOR_SET_HEADER, "")
             report["landing"][n] = {"set": got, "status": r.status_code, "seconds": round(time.monotonic() - t0, 2)}
             ok &= r.status_code == 200 and got == f"{want}@1"
             print(f"{n} tokens -> {got} ({r.status_code}, {time.monotonic() - t0:.1f} s)", file=sys.stderr)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         xargs = {"longrope_policy": "reserve"}
         body = {"model": "tiny", "prompt": ids, "max_tokens": 1_500_000, "stream": True, "vllm_xargs": xargs}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-            report["after_loads"] = r.headers.get("x-longrope-factor-set")
+            report["after_loads"] = r.headers.get(FACTOR_SET_HEADER)
         ok &= report["after_loads"] == "2048k@6"
         time.sleep(3)
         for label, (proc, url, _) in servers.items():
