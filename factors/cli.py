@@ -14,6 +14,7 @@ from typing import Any
 
 from .baselines import BASELINE_METHODS, make_baseline
 from .cli_args import DTYPES, add_geometry_options, geometry_from_args, int_list
+from .cli_extend import add_extend_commands
 from .cli_search import add_search_commands
 from .formats import (
     atomic_write_text,
@@ -49,7 +50,9 @@ examples:
   longrope-factors search --model factors/data/tiny-short/model --target-len 1024 -o longrope.json
   longrope-factors eval --model DIR --set a.json --set b.json --text stdlib:heldout --lengths 1024,2048 --json
   longrope-factors passkey --model DIR --set long.json --lengths 4096
-  longrope-factors plot-ppl --model DIR --set a.json --text stdlib:heldout --lengths 128,256,512,1024 -o ppl.png"""
+  longrope-factors plot-ppl --model DIR --set a.json --text stdlib:heldout --lengths 128,256,512,1024 -o ppl.png
+  longrope-factors finetune --model DIR --set long-8k.json --steps 200 -o finetuned/
+  longrope-factors extend --model DIR --target-len 1024 --next-target 8192 --compare yarn --out run/"""
 
 
 FILES_HELP = "factor files: project JSON, HF config.json, or LongRoPE CSV (with the geometry options)"
@@ -301,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_geometry_options(p)
     p.set_defaults(func=cmd_angles)
     add_search_commands(sub)
+    add_extend_commands(sub)
     return parser
 
 

@@ -17,12 +17,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help where X says something: not for None or False defaults,
-    nor where the help already states its default."""
+    """Appends "(default: X)" to an option's help where X says something: not for None, False or empty-list
+    defaults, nor where the help already states its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
-        if action.default is None or action.default is False or "default" in help_text:
+        if action.default is None or action.default is False or action.default == [] or "default" in help_text:
             return action.help
         return super()._get_help_string(action)
 

@@ -17,7 +17,6 @@ from typing import Any
 from .baselines import BASELINE_METHODS
 from .cli_args import DefaultsHelpFormatter, add_model_options, float_list, int_list, name_list
 from .formats import factor_set_json, load_any, read_model_rope, save_json_set
-from .plotting import save_figure
 from .schema import FactorSet, FactorSetError
 from .search import N_HAT_CHOICES, SearchConfig, SearchPlan
 
@@ -105,6 +104,7 @@ def search_plan(args: argparse.Namespace) -> SearchPlan:
             table_text=args.table_text,
             table_samples=args.table_samples,
             table_baselines=tuple(args.table_baselines),
+            seed_sets=tuple(_sets(args.seed_set)),
         )
     except ValueError as err:
         raise FactorSetError(f"search: {err}") from None
@@ -173,6 +173,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
                     "length": length,
                     "accuracy": acc,
                     "trials": len(results),
+                    "key_nll": round(sum(r.key_nll for r in results) / len(results), 4),
                     "by_depth": {str(d): sum(r.correct for r in results if r.depth == d) for d in args.depths},
                 }
             )
@@ -180,16 +181,14 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         print(
             json.dumps(r)
             if args.json
-            else f"{r['set']:<24} {r['length']:>8}  accuracy {r['accuracy']:.2f} ({r['trials']} trials)"
+            else f"{r['set']:<24} {r['length']:>8}  accuracy {r['accuracy']:.2f} ({r['trials']} trials),"
+            f" key NLL {r['key_nll']:.3f} nats/token"
         )
     return 0
 
 
 def cmd_plot_ppl(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import plot_ppl_records
 
     if args.records:
         records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
@@ -199,19 +198,7 @@ def cmd_plot_ppl(args: argparse.Namespace) -> int:
         records = _eval_records(args)
     if args.save_records:
         Path(args.save_records).write_text("".join(json.dumps(r) + "\n" for r in records))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name in dict.fromkeys(r["set"] for r in records):
-        pts = sorted((r["length"], r["ppl"]) for r in records if r["set"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("perplexity")
-    if args.window:
-        ax.axvline(args.window, color="grey", linestyle=":", label=f"trained window ({args.window})")
-    ax.set_title(args.title or "perplexity against length")
-    ax.grid(True, which="both", alpha=0.3)
-    return save_figure(fig, ax, args.output)
+    return plot_ppl_records(records, args.output, args.window, args.title)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -240,41 +227,22 @@ def add_search_commands(sub: Any) -> None:
         help="chain of lengths, e.g. 256,512,1024: one search per length, each seeded from the one before;"
         " --target-len is the last (and added if missing); none may exceed it",
     )
-    p.add_argument("--text", default="stdlib:search", help=TEXT_HELP)
-    p.add_argument("--samples", type=int, default=4, help="windows per perplexity evaluation")
-    p.add_argument("--window-seed", type=int, default=0, help="seed for the windows' offsets in the text")
-    p.add_argument("--population", type=int, default=64, help="individuals kept per generation")
-    p.add_argument("--parents", type=int, default=32, help="top-k individuals that breed")
-    p.add_argument("--mutations", type=int, default=16, help="mutated children per generation")
-    p.add_argument("--crossovers", type=int, default=16, help="crossover children per generation")
-    p.add_argument("--generations", type=int, default=40, help="generations after the initial population")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
-    p.add_argument("--low", type=float, default=1.0, help="lower bound of every λ_i")
-    p.add_argument("--high", type=float, help="upper bound of every λ_i (default: 2 × the extension ratio, ≥ 2)")
     p.add_argument(
-        "--n-hat-choices",
-        type=int_list(minimum=0, unique=True),
-        default=list(N_HAT_CHOICES),
-        help="allowed n̂ values (those below the window are used)",
+        "--seed-set",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a factor set (file or folder) added to the first search's seeds, e.g. the set of a shorter"
+        " window: a shorter set is stretched to the target (λ^(ln s_new / ln s_old), n̂ kept); repeatable",
     )
-    p.add_argument(
-        "--seed-methods",
-        type=name_list(BASELINE_METHODS),
-        default=["pi", "ntk", "yarn"],
-        help="baselines whose λ seed the initial population (identity, pi, ntk, yarn)",
-    )
-    p.add_argument("--mscale", type=float, help="attention scale (default: LongRoPE's sqrt(1 + ln s / ln L))")
-    p.add_argument("--time-budget", type=float, help="minutes; stop after the generation that passes it")
+    add_search_budget_options(p)
     p.add_argument("--checkpoint-dir", help="write a resumable checkpoint per stage here after every generation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir")
     p.add_argument("--name", default="longrope", help="name of the long set (stages: NAME-LENGTH)")
     p.add_argument("-o", "--output", help="long set JSON file (default stdout); stages go beside it")
     p.add_argument("--short", action="store_true", help="also search the short set at the model's own window")
     p.add_argument("--short-output", help="short set JSON file (default stdout)")
-    p.add_argument("--short-samples", type=int, help="windows per evaluation of the short search (default --samples)")
-    p.add_argument("--short-population", type=int, help="population of the short search (default --population)")
-    p.add_argument("--short-parents", type=int, help="parents of the short search (default --parents)")
-    p.add_argument("--short-generations", type=int, help="generations of the short search (default --generations)")
+    add_short_budget_options(p)
     p.add_argument("--table-text", help="after the search, measure set vs baselines on this text (" + TEXT_HELP + ")")
     p.add_argument(
         "--table-baselines",
@@ -339,6 +307,43 @@ def add_search_commands(sub: Any) -> None:
     p.add_argument("--title", help="plot title")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_plot_ppl)
+
+
+def add_search_budget_options(p: argparse.ArgumentParser) -> None:
+    """The options of one search's text, windows, budget and constraints (search and extend)."""
+    p.add_argument("--text", default="stdlib:search", help=TEXT_HELP)
+    p.add_argument("--samples", type=int, default=4, help="windows per perplexity evaluation")
+    p.add_argument("--window-seed", type=int, default=0, help="seed for the windows' offsets in the text")
+    p.add_argument("--population", type=int, default=64, help="individuals kept per generation")
+    p.add_argument("--parents", type=int, default=32, help="top-k individuals that breed")
+    p.add_argument("--mutations", type=int, default=16, help="mutated children per generation")
+    p.add_argument("--crossovers", type=int, default=16, help="crossover children per generation")
+    p.add_argument("--generations", type=int, default=40, help="generations after the initial population")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
+    p.add_argument("--low", type=float, default=1.0, help="lower bound of every λ_i")
+    p.add_argument("--high", type=float, help="upper bound of every λ_i (default: 2 × the extension ratio, ≥ 2)")
+    p.add_argument(
+        "--n-hat-choices",
+        type=int_list(minimum=0, unique=True),
+        default=list(N_HAT_CHOICES),
+        help="allowed n̂ values (those below the window are used)",
+    )
+    p.add_argument(
+        "--seed-methods",
+        type=name_list(BASELINE_METHODS),
+        default=["pi", "ntk", "yarn"],
+        help="baselines whose λ seed the initial population (identity, pi, ntk, yarn)",
+    )
+    p.add_argument("--mscale", type=float, help="attention scale (default: LongRoPE's sqrt(1 + ln s / ln L))")
+    p.add_argument("--time-budget", type=float, help="minutes; stop after the generation that passes it")
+
+
+def add_short_budget_options(p: argparse.ArgumentParser) -> None:
+    """The short readjustment's budget, each defaulting to the long search's (search --short and extend)."""
+    p.add_argument("--short-samples", type=int, help="windows per evaluation of the short search (default --samples)")
+    p.add_argument("--short-population", type=int, help="population of the short search (default --population)")
+    p.add_argument("--short-parents", type=int, help="parents of the short search (default --parents)")
+    p.add_argument("--short-generations", type=int, help="generations of the short search (default --generations)")
 
 
 def _eval_options(p: argparse.ArgumentParser, required: bool) -> None:

@@ -59,6 +59,7 @@ class PasskeyResult:
     key: str
     correct: bool
     tokens: int
+    key_nll: float = float("nan")  # mean NLL of the key's tokens given the true prefix (nats per token)
 
 
 class Evaluator:
@@ -220,7 +221,8 @@ class Evaluator:
         """LongRoPE's passkey test: a 5-digit key hidden at each depth in ~`length` tokens of filler;
         correct when greedy decoding after "The pass key is" reproduces the key exactly (checked
         teacher-forced: greedy output equals the key iff every key token is the argmax given the
-        true prefix)."""
+        true prefix). ``key_nll`` grades a miss: the key's mean NLL per token (ln 10 ≈ 2.30 per digit is
+        a guess that ignores the needle)."""
         rng = random.Random(seed)
         results = []
         for depth in depths:
@@ -234,7 +236,8 @@ class Evaluator:
                     start = prompt.numel() - 1
                     logits = self.model.lm_head(hidden[0, start : start + answer.numel()])
                 pred = logits.argmax(-1).cpu()
-                results.append(PasskeyResult(length, depth, key, bool(torch.equal(pred, answer)), ids.shape[1]))
+                nll = float(nn.functional.cross_entropy(logits.float().cpu(), answer))
+                results.append(PasskeyResult(length, depth, key, bool(torch.equal(pred, answer)), ids.shape[1], nll))
         return results
 
 
@@ -247,23 +250,27 @@ TASK = (
 
 def passkey_prompt(ev: Evaluator, length: int, depth: float, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids, answer ids): task line, filler with the key line at `depth` (0 = start, 1 = end),
-    question; the filler is sized so prompt + answer ≈ `length` tokens."""
+    question; the filler is sized so prompt + answer ≈ `length` tokens. Where the task line leaves no room
+    (a short window of a byte-level model), the prompt is the filler, the key line and the question alone."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be within [0, 1], got {depth}")
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     question = " What is the pass key? The pass key is"
     answer = ev.tokenize(f" {key}")
-    fixed = ev.tokenize(TASK + needle + question).numel() + answer.numel()
+    task = TASK
+    if ev.tokenize(TASK + needle + question + FILLER).numel() + answer.numel() > length:
+        task = ""
+    fixed = ev.tokenize(task + needle + question).numel() + answer.numel()
     per_filler = max(1, ev.tokenize(FILLER * 8).numel() / 8)
     repeats = max(0, int((length - fixed) / per_filler))
     before = round(repeats * depth)
-    text = TASK + FILLER * before + needle + FILLER * (repeats - before) + question
+    text = task + FILLER * before + needle + FILLER * (repeats - before) + question
     prompt = ev.tokenize(text)
     over = prompt.numel() + answer.numel() - length
     while over > 0 and repeats > 0:  # tokenizers merge across repeats; trim to fit
         repeats = max(0, repeats - max(1, math.ceil(over / per_filler)))
         before = round(repeats * depth)
-        text = TASK + FILLER * before + needle + FILLER * (repeats - before) + question
+        text = task + FILLER * before + needle + FILLER * (repeats - before) + question
         prompt = ev.tokenize(text)
         over = prompt.numel() + answer.numel() - length
     if over > 0:

@@ -28,6 +28,9 @@ from .geometry import RopeGeometry
 from .schema import FactorSet, FactorSetError, ModelFingerprint, MonotonePolicy, parse_factor_set
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
+# A model folder's own factor sets (written by ``longrope-factors finetune`` / ``extend``; the server loads them
+# with the model).
+MODEL_SETS_DIR = "longrope-sets"
 
 
 # -- model configs -----------------------------------------------------------------------------
@@ -352,6 +355,12 @@ def expand_set_paths(paths: Any) -> list[Path]:
         else:
             raise FactorSetError(f"factor file or folder {p} does not exist")
     return out
+
+
+def model_set_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The factor-set files a model folder carries in MODEL_SETS_DIR (none when it has no such folder)."""
+    folder = Path(model_dir) / MODEL_SETS_DIR
+    return sorted(q for q in folder.glob("*.json") if q.is_file()) if folder.is_dir() else []
 
 
 def load_set_paths(paths: Any, *, monotone: MonotonePolicy = "warn") -> list[FactorSet]:

@@ -81,7 +81,7 @@ def progressive(ev: Evaluator, tokens: torch.Tensor, plan: SearchPlan) -> list[F
     (and checkpoints) are named NAME-LENGTH."""
     out: list[FactorSet] = []
     for target in plan.lengths:
-        extra = [scaled_seed(out[-1], target)] if out else []
+        extra = [scaled_seed(out[-1], target)] if out else given_seeds(plan, target)
         stem = f"{plan.name}-{target}"
         fs, _ = search_set(
             ev,
@@ -93,6 +93,17 @@ def progressive(ev: Evaluator, tokens: torch.Tensor, plan: SearchPlan) -> list[F
             extra_seeds=extra,
         )
         out.append(fs)
+    return out
+
+
+def given_seeds(plan: SearchPlan, target_len: int) -> list[tuple[str, list[float], int]]:
+    """plan.seed_sets as seeds of a search at ``target_len``: stretched when shorter, as they are otherwise."""
+    out = []
+    for fs in plan.seed_sets:
+        if fs.max_len < target_len:
+            out.append(scaled_seed(fs, target_len))
+        else:
+            out.append((f"set:{fs.name}", list(fs.factors), fs.n_hat))
     return out
 
 
@@ -156,7 +167,15 @@ def run_search(ev: Evaluator, plan: SearchPlan) -> Iterator[tuple[str, FactorSet
             yield "stage", fs
     else:
         stem = f"{plan.name}-{plan.long.target_len}"
-        long, _ = search_set(ev, tokens, plan, plan.long, name=plan.name, checkpoint=plan.checkpoint(stem))
+        long, _ = search_set(
+            ev,
+            tokens,
+            plan,
+            plan.long,
+            name=plan.name,
+            checkpoint=plan.checkpoint(stem),
+            extra_seeds=given_seeds(plan, plan.long.target_len),
+        )
     if table_tokens is not None:
         long = with_ppl_table(ev, long, plan, table_tokens, [plan.long.target_len], plan.table_baselines)
     yield "long", long

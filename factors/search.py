@@ -93,6 +93,7 @@ class SearchPlan:
     table_text: str | None = None
     table_samples: int = 4
     table_baselines: tuple[str, ...] = ("identity", "pi", "ntk", "yarn")
+    seed_sets: tuple[FactorSet, ...] = ()  # sets stretched (``scaled_seed``) into the first search's seeds
 
     def __post_init__(self) -> None:
         too_long = [n for n in self.stages if n > self.long.target_len]
@@ -452,7 +453,13 @@ class LongRopeSearch:
 
 
 def scaled_seed(prev: FactorSet, target_len: int) -> tuple[str, list[float], int]:
-    """A previous stage's λ stretched to a longer window (λ × new_s / old_s), n̂ kept: the
-    progressive-extension seed."""
-    ratio = (target_len / prev.original_max_len) / prev.scale
-    return (f"from-{prev.max_len}", [f * ratio for f in prev.factors], prev.n_hat)
+    """A previous stage's λ stretched to a longer window, n̂ kept: the progressive-extension seed.
+
+    The stretch is a power, λ_i^(ln s_new / ln s_old): a pair the previous set extrapolates (λ = 1) stays
+    extrapolated and one it interpolates by the full ratio (λ = s_old) is interpolated by s_new. (Multiplying
+    every λ by s_new / s_old, as this seed did first, also interpolates the fastest pairs, which the search
+    had learnt to keep: on the tiny model the 512-stage stretched that way measured 12.77 at 1024, against
+    4.03 for YaRN's λ.)"""
+    s_old, s_new = prev.scale, target_len / prev.original_max_len
+    power = math.log(s_new) / math.log(s_old) if s_old > 1 else 1.0
+    return (f"from-{prev.max_len}", [f**power for f in prev.factors], prev.n_hat)

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from factors.baselines import identity_set
-from factors.formats import ModelRope, check_compatible, load_set_paths, model_rope_from_config, sets_from_hf_config
+from factors.formats import (
+    ModelRope,
+    check_compatible,
+    load_set_paths,
+    model_rope_from_config,
+    model_set_files,
+    sets_from_hf_config,
+)
 from factors.schema import FactorSet, FactorSetError
 
 from .policy import DEFAULT_POLICY, Policy
@@ -22,14 +29,20 @@ logger = logging.getLogger("longrope.engine")
 
 
 def startup_sets(model_dir: str | Path, factor_paths: Iterable[str | Path] = ()) -> tuple[ModelRope, list[FactorSet]]:
-    """The sets an engine starts with: the model's own ``longrope`` config (short + long), the given
-    factor files, and plain RoPE over the original window when no set's window is that short."""
+    """The sets an engine starts with: the model's own ``longrope`` config (short + long), the sets the model
+    folder carries (``longrope-sets/``, written by ``longrope-factors finetune`` / ``extend``) unless factor
+    files are given, the given factor files, and plain RoPE over the original window when no set's window
+    is that short."""
     config_path = Path(model_dir) / "config.json"
     cfg = json.loads(config_path.read_text())
     model = model_rope_from_config(cfg)
     sets: list[FactorSet] = []
     if model.rope_type in ("longrope", "su"):
         sets.extend(sets_from_hf_config(cfg, source=str(config_path)))
+    factor_paths = list(factor_paths)
+    if not factor_paths and model_set_files(model_dir):
+        factor_paths = model_set_files(model_dir)
+        logger.info("sets from the model folder: %s", ", ".join(p.name for p in factor_paths))
     for fs in load_set_paths(factor_paths):
         check_compatible(fs, model)
         sets.append(fs)

@@ -225,8 +225,15 @@ def test_passkey_prompt_fits_the_length_and_hides_the_key(ev):
         assert ev.detokenize(answer.tolist()) == " 12345"
     results = ev.passkey(None, 512, depths=(0.5,), trials=2, seed=0)
     assert len(results) == 2 and all(r.tokens <= 512 and len(r.key) == 5 for r in results)
+    # a window too small for the task line gets the compact prompt (filler, key line, question), the
+    # tiny model's own window included; below what the key line and question need, it is refused
+    prompt, answer = passkey_prompt(ev, 128, 0.5, "12345")
+    text = ev.detokenize(prompt.tolist())
+    assert prompt.numel() + answer.numel() <= 128 and "The pass key is 12345" in text and "important info" not in text
+    assert "important info" in ev.detokenize(passkey_prompt(ev, 1024, 0.5, "12345")[0].tolist())
+    assert all(0 <= r.key_nll < 20 for r in results)
     with pytest.raises(ValueError, match="too short"):
-        passkey_prompt(ev, 128, 0.5, "12345")
+        passkey_prompt(ev, 64, 0.5, "12345")
 
 
 def test_shipped_smollm2_sets_fit_the_default_model(default_model):

@@ -1,0 +1,287 @@
+"""LongRoPE's whole road in one resumable run (``longrope-factors extend``).
+
+1. ``search``   — search the first target on the source model, without fine-tuning (a progressive chain if
+                  the plan has stages);
+2. ``finetune`` — fine-tune the source model at that length under the searched set;
+3. ``next``     — search the next target on the fine-tuned model, seeded with the first set stretched;
+4. ``short``    — readjust the short set for the fine-tuned model at the model's own window;
+5. ``compare``  — optionally fine-tune the source model with the same budget under a baseline (e.g. YaRN
+                  at the first target), the comparison the method is measured against;
+6. ``report``   — perplexity (and passkey) of every model and method at every report length.
+
+Each stage writes its result to the output folder and records itself in ``extend.json``; the searches and
+fine-tunes checkpoint inside their stage. Running the same command again with ``--resume`` skips the
+finished stages and continues the interrupted one where it stopped. The output folder::
+
+    extend.json              the plan and the stages done (with their seconds)
+    sets/                    NAME-T1 (searched, no fine-tune), NAME-T2 and NAME-short (fine-tuned model)
+    model/                   the fine-tuned model; its longrope-sets/ holds short, T1 and T2: longrope-serve
+                             serves the folder as it is
+    compare-METHOD/model/    a baseline fine-tuned with the same budget (its sets in its longrope-sets/)
+    checkpoints/             search and fine-tune checkpoints
+    report.json, report.md   the measurements (see factors.report)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .baselines import make_baseline
+from .finetune import FinetuneConfig, Finetuner
+from .formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json_set
+from .schema import FactorSet, FactorSetError
+from .search import SearchPlan
+
+logger = logging.getLogger("longrope.extend")
+
+STATE_FILE = "extend.json"
+STAGES = ("search", "finetune", "next", "short", "compare", "report")
+
+
+class StageInterrupted(Exception):
+    """A stage stopped before its end (a fine-tune's time budget); ``--resume`` continues it."""
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """What the report measures: perplexity on ``text`` at ``lengths`` (``samples`` windows each, offsets
+    seeded by ``seed``) and passkey retrieval at ``passkey_lengths``."""
+
+    text: str = "stdlib:heldout"
+    lengths: tuple[int, ...] = ()  # default: the original window × 1, 2, 4, … up to the next target
+    samples: int = 4
+    seed: int = 1
+    baselines: tuple[str, ...] = ("pi", "ntk", "yarn")
+    passkey_lengths: tuple[int, ...] = ()
+    passkey_trials: int = 2
+
+
+@dataclass(frozen=True)
+class ExtendPlan:
+    """Everything one ``extend`` run decides. ``search`` is the first search (its ``long.target_len`` is the
+    first target; its ``short`` the budget of the readjustment); ``next_target`` the window of the second
+    search, which runs with the first one's budget on ``next_samples`` windows."""
+
+    search: SearchPlan
+    finetune: FinetuneConfig
+    next_target: int
+    next_samples: int | None = None
+    compare: tuple[str, ...] = ()
+    report: ReportPlan = field(default_factory=ReportPlan)
+
+    def __post_init__(self) -> None:
+        first = self.search.long.target_len
+        if self.search.short is None:
+            raise ValueError("the plan needs a short readjustment budget (SearchPlan.short)")
+        if self.next_target <= first:
+            raise ValueError(f"the next target ({self.next_target}) must exceed the first ({first})")
+        if self.finetune.target_len != first:
+            raise ValueError(f"the fine-tune length ({self.finetune.target_len}) must be the first target ({first})")
+        self.finetune.validate()
+        replace(self.search.long, target_len=self.next_target).validate()
+
+    @property
+    def name(self) -> str:
+        return self.search.name
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one (budgets of time and progress aside)."""
+        s = self.search
+        search = {
+            "long": {**asdict(s.long), "time_budget_s": None},
+            "short": {**asdict(s.short), "time_budget_s": None} if s.short else None,
+            "stages": list(s.stages),
+            "text": s.text,
+            "samples": s.samples,
+            "window_seed": s.window_seed,
+            "short_samples": s.short_samples,
+            "name": s.name,
+        }
+        return json.loads(
+            json.dumps(
+                {
+                    "search": search,
+                    "finetune": self.finetune.identity(),
+                    "next_target": self.next_target,
+                    "next_samples": self.next_samples,
+                    "compare": list(self.compare),
+                    "report": asdict(self.report),
+                }
+            )
+        )
+
+
+EvaluatorFactory = Callable[[str | Path], Any]
+
+
+class ExtendRun:
+    """One output folder and the stages done in it."""
+
+    def __init__(self, source: str | Path, out: str | Path, plan: ExtendPlan, make_evaluator: EvaluatorFactory) -> None:
+        self.source, self.out, self.plan, self.make_evaluator = Path(source), Path(out), plan, make_evaluator
+        self.state_path = self.out / STATE_FILE
+        self.done: dict[str, Any] = {}
+        self._identity: dict[str, Any] = {}
+        self.original = read_model_rope(self.source).geometry.original_max_len
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def open(self, resume: bool) -> None:
+        """Start a new folder, or (``resume``) continue the run recorded in it; never mix two plans."""
+        identity = {"source": str(self.source.resolve()), **self.plan.identity()}
+        if self.state_path.exists():
+            if not resume:
+                raise FactorSetError(f"{self.out} holds an extend run already; add --resume to continue it")
+            state = json.loads(self.state_path.read_text())
+            if state.get("plan") != identity:
+                raise FactorSetError(
+                    f"{self.out} holds an extend run with another model or plan; continue it with its own options"
+                    " or use another --out"
+                )
+            self.done = state.get("done", {})
+            self._identity = identity
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            raise FactorSetError(f"{self.out} is not empty and holds no extend run; give a new or empty --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._identity = identity
+        self._write()
+
+    def _write(self) -> None:
+        identity = getattr(self, "_identity", None)
+        if identity is None:
+            identity = json.loads(self.state_path.read_text())["plan"]
+            self._identity = identity
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"plan": identity, "done": self.done}, indent=1) + "\n")
+        os.replace(tmp, self.state_path)
+
+    def _finish(self, stage: str, t0: float, **info: Any) -> None:
+        self.done[stage] = {"seconds": round(time.monotonic() - t0, 1), **info}
+        self._write()
+        logger.info("stage %s done in %.0f s", stage, self.done[stage]["seconds"])
+
+    # -- paths -------------------------------------------------------------------------------------
+
+    def set_path(self, role: str) -> Path:
+        tag = {"first": str(self.plan.search.long.target_len), "next": str(self.plan.next_target)}.get(role, role)
+        return self.out / "sets" / f"{self.plan.name}-{tag}.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "model"
+
+    def compare_dir(self, method: str) -> Path:
+        return self.out / f"compare-{method}" / "model"
+
+    def load(self, role: str) -> FactorSet:
+        return load_any(self.set_path(role))[0]
+
+    def _save_set(self, fs: FactorSet, role: str, into_model: bool = True) -> None:
+        save_json_set(fs, self.set_path(role))
+        if into_model:
+            save_json_set(fs, self.model_dir / MODEL_SETS_DIR / f"{fs.name}.json")
+
+    # -- stages ------------------------------------------------------------------------------------
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+        from .progressive import given_seeds, progressive, search_set, short_readjust, text_tokens
+
+        plan = self.plan
+        sp = replace(plan.search, checkpoint_dir=self.out / "checkpoints", resume=True)
+        first_len = sp.long.target_len
+        if "search" in stages and "search" not in self.done:
+            t0 = time.monotonic()
+            ev = self.make_evaluator(self.source)
+            tokens = text_tokens(ev, sp.text)
+            if sp.progressive:
+                chain = progressive(ev, tokens, replace(sp, name=plan.name))
+                first = chain[-1]
+            else:
+                first, _ = search_set(
+                    ev,
+                    tokens,
+                    sp,
+                    sp.long,
+                    name=f"{plan.name}-{first_len}",
+                    checkpoint=sp.checkpoint(f"{plan.name}-{first_len}"),
+                    extra_seeds=given_seeds(sp, first_len),
+                )
+            self._save_set(first, "first", into_model=False)
+            self._finish("search", t0, set=first.name, ppl=first.provenance.metrics.get("ppl"))
+        if "finetune" in stages and "finetune" not in self.done:
+            t0 = time.monotonic()
+            record = self._finetune(self.load("first"), self.model_dir, self.out / "checkpoints" / "finetune")
+            self._finish("finetune", t0, first_loss=record["first_loss"], last_loss=record["last_loss"])
+        if "next" in stages and "next" not in self.done:
+            t0 = time.monotonic()
+            ev = self.make_evaluator(self.model_dir)
+            tokens = text_tokens(ev, sp.text)
+            seeded = replace(sp, seed_sets=(self.load("first"),), stages=())
+            config = replace(sp.long, target_len=plan.next_target)
+            name = f"{plan.name}-{plan.next_target}"
+            nxt, _ = search_set(
+                ev,
+                tokens,
+                seeded,
+                config,
+                name=name,
+                checkpoint=sp.checkpoint(name),
+                samples=plan.next_samples or sp.samples,
+                extra_seeds=given_seeds(seeded, plan.next_target),
+            )
+            self._save_set(nxt, "next")
+            self._finish("next", t0, set=nxt.name, ppl=nxt.provenance.metrics.get("ppl"))
+        if "short" in stages and "short" not in self.done:
+            t0 = time.monotonic()
+            ev = self.make_evaluator(self.model_dir)
+            short = short_readjust(ev, text_tokens(ev, sp.text), self.load("first"), sp)
+            self._save_set(short, "short")
+            self._finish("short", t0, set=short.name, ppl=short.provenance.metrics.get("ppl"))
+        if "compare" in stages and "compare" not in self.done:
+            t0 = time.monotonic()
+            info = {}
+            geo = read_model_rope(self.source).geometry
+            for method in plan.compare:
+                trained = make_baseline(method, geo, first_len, name=f"{method}-{first_len}")
+                folder = self.compare_dir(method)
+                record = self._finetune(trained, folder, self.out / "checkpoints" / f"finetune-{method}")
+                longer = make_baseline(method, geo, plan.next_target, name=f"{method}-{plan.next_target}")
+                save_json_set(longer, folder / MODEL_SETS_DIR / f"{longer.name}.json")
+                info[method] = {"last_loss": record["last_loss"], "seconds": record["seconds"]}
+            self._finish("compare", t0, **info)
+        if "report" in stages and "report" not in self.done:
+            from .report import write_report
+
+            t0 = time.monotonic()
+            write_report(self)
+            self._finish("report", t0)
+        return self.done
+
+    def _finetune(self, fs: FactorSet, folder: Path, checkpoint_dir: Path) -> dict[str, Any]:
+        from .progressive import text_tokens
+
+        ev = self.make_evaluator(self.source)
+        ft = Finetuner(
+            ev,
+            fs,
+            self.plan.finetune,
+            text_tokens(ev, self.plan.finetune.text),
+            checkpoint_dir=checkpoint_dir,
+            progress=self.plan.search.progress,
+        )
+        state = ft.run(resume=True)
+        if state.stopped_by == "time_budget":
+            raise StageInterrupted(
+                f"the fine-tune under {fs.name} stopped at step {state.step} of {self.plan.finetune.steps} (time"
+                f" budget); run the same command with --resume to continue from {checkpoint_dir}"
+            )
+        ft.save(folder)
+        return ft.record()

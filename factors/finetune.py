@@ -1,0 +1,292 @@
+"""Fine-tuning a Hugging Face causal LM at a target length under one factor set (LongRoPE's second step).
+
+The set is applied exactly as the evaluator and the server apply it (``Evaluator.use``: float64 angles,
+n̂, mscale, cast once), so a model trained here is served with the same numbers it was trained under.
+
+A plain torch loop: AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping.
+Every optimiser step draws its windows from the text with a generator seeded by (seed, step), so the
+data of step k does not depend on what ran before it; with the model and optimiser state in the
+checkpoint (written atomically every ``checkpoint_every`` steps and when the time budget stops the run), a
+resumed run reproduces the uninterrupted one exactly (CPU, deterministic algorithms, same thread count).
+
+The output is a model folder ``longrope-serve`` serves as it is: the weights, the source's config and
+tokenizer, the set under ``longrope-sets/`` (:data:`factors.formats.MODEL_SETS_DIR`, which the server
+loads with the model) and ``finetune.json``, the provenance record (data, steps, lengths, losses, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .evaluate import Evaluator
+from .formats import MODEL_SETS_DIR, save_json_set
+from .schema import FactorSet, FactorSetError
+
+CHECKPOINT_NAME = "finetune.ckpt.pt"
+RECORD_NAME = "finetune.json"
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Budget of one fine-tune: ``steps`` optimiser steps of ``micro_batch`` × ``grad_accum`` windows of
+    ``target_len`` tokens."""
+
+    target_len: int
+    steps: int = 200
+    micro_batch: int = 1
+    grad_accum: int = 8
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    text: str = "stdlib:train"
+    checkpoint_every: int = 25
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        """ValueError when the budget cannot run (checked before any model is loaded)."""
+        for name in ("target_len", "steps", "micro_batch", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be within [0, 1] (got {self.min_lr_ratio})")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine to min_lr_ratio·lr."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # the checkpoint must come from the same run: everything but the time budget and the checkpoint rhythm
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("time_budget_s", "checkpoint_every")}
+
+
+@dataclass
+class FinetuneState:
+    step: int = 0  # optimiser steps done
+    losses: list[float] = field(default_factory=list)  # mean training loss of each step
+    elapsed_s: float = 0.0
+    stopped_by: str | None = None  # "steps" | "time_budget"
+
+
+def step_windows(tokens: torch.Tensor, config: FinetuneConfig, step: int) -> torch.Tensor:
+    """The ``micro_batch × grad_accum`` windows of ``target_len + 1`` tokens of optimiser step ``step``
+    (inputs and their next tokens), drawn with a generator seeded by (seed, step)."""
+    n = config.target_len + 1
+    if tokens.numel() < n + 1:
+        raise FactorSetError(
+            f"the training text has {tokens.numel()} tokens; {config.target_len}-token windows need more"
+        )
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    starts = torch.randint(0, tokens.numel() - n + 1, (config.micro_batch * config.grad_accum,), generator=g)
+    return torch.stack([tokens[s : s + n] for s in starts.tolist()])
+
+
+class Finetuner:
+    """One fine-tune of ``ev``'s model under ``fs``; ``run()`` trains, ``save(out)`` writes the model folder."""
+
+    def __init__(
+        self,
+        ev: Evaluator,
+        fs: FactorSet,
+        config: FinetuneConfig,
+        tokens: torch.Tensor,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        config.validate()
+        if fs.max_len < config.target_len:
+            raise FactorSetError(
+                f"set {fs.name!r} has window {fs.max_len}; fine-tuning at {config.target_len} tokens needs a set"
+                " whose window holds them"
+            )
+        self.ev, self.fs, self.cfg, self.tokens = ev, fs, config, tokens
+        self.checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+        self.progress = progress
+        self.model = ev.model
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.state = FinetuneState()
+
+    def loss(self, windows: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a micro-batch, computed over chunks of the last hidden states (so the
+        logits of a long window are never all materialised at once in the loss)."""
+        ids = windows.to(self.ev.device)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        hidden = self.ev.base(input_ids=inputs, use_cache=False).last_hidden_state
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for a in range(0, targets.shape[1], self.ev.loss_chunk):
+            b = min(a + self.ev.loss_chunk, targets.shape[1])
+            logits = self.model.lm_head(hidden[:, a:b]).float()
+            total = total + nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets[:, a:b].flatten(), reduction="sum"
+            )
+        return total / targets.numel()
+
+    def run(self, resume: bool = False) -> FinetuneState:
+        """Train until ``steps`` or the time budget (checked after each step); resumable from the checkpoint."""
+        if resume:
+            self.load_checkpoint()
+        cfg, st = self.cfg, self.state
+        if st.step >= cfg.steps:
+            st.stopped_by = "steps"
+            return st
+        self.ev.use(self.fs, cfg.target_len)
+        self.model.train()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=cfg.steps, initial=st.step, desc=f"fine-tune {self.fs.name} @ {cfg.target_len}", unit="step"
+            )
+        t0 = time.monotonic() - st.elapsed_s
+        try:
+            while st.step < cfg.steps:
+                windows = step_windows(self.tokens, cfg, st.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(st.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for micro in windows.split(cfg.micro_batch):
+                    loss = self.loss(micro) / cfg.grad_accum
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                if not math.isfinite(step_loss):
+                    raise FactorSetError(f"training loss is {step_loss} at step {st.step}; lower --lr")
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                st.step += 1
+                st.losses.append(step_loss)
+                st.elapsed_s = time.monotonic() - t0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cfg.lr_at(st.step - 1):.2e}", refresh=False)
+                    bar.update(1)
+                over_budget = cfg.time_budget_s is not None and st.elapsed_s >= cfg.time_budget_s
+                if over_budget and st.step < cfg.steps:
+                    st.stopped_by = "time_budget"
+                    self.save_checkpoint()
+                    return st
+                if st.step % cfg.checkpoint_every == 0 or st.step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            self.model.eval()
+            if bar is not None:
+                bar.close()
+        st.stopped_by = "steps"
+        return st
+
+    # -- checkpoint --------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.identity(),
+            "set": self.fs.model_dump(mode="json", exclude={"provenance"}),
+            "source": str(self.ev.model_dir),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "identity": self._identity(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": asdict(self.state),
+        }
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def load_checkpoint(self) -> None:
+        """Continue from the checkpoint, if there is one; refuse one written by another run."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return
+        payload = torch.load(self.checkpoint, map_location=self.ev.device, weights_only=False)
+        if payload.get("identity") != self._identity():
+            raise FactorSetError(
+                f"{self.checkpoint} was written by a fine-tune with other settings, set or model; remove it or"
+                " use another --checkpoint-dir"
+            )
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = FinetuneState(**payload["state"])
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        return {
+            "source_model": str(self.ev.model_dir),
+            "set": self.fs.label if self.fs.version is not None else self.fs.name,
+            "data": cfg.text,
+            "target_len": cfg.target_len,
+            "steps": st.step,
+            "steps_planned": cfg.steps,
+            "windows_per_step": cfg.micro_batch * cfg.grad_accum,
+            "tokens_trained": st.step * cfg.micro_batch * cfg.grad_accum * cfg.target_len,
+            "losses": [round(x, 6) for x in st.losses],
+            "first_loss": st.losses[0] if st.losses else None,
+            "last_loss": st.losses[-1] if st.losses else None,
+            "seconds": round(st.elapsed_s, 3),
+            "stopped_by": st.stopped_by,
+            "device": str(self.ev.device),
+            "dtype": str(self.ev.dtype).removeprefix("torch."),
+            "config": asdict(cfg),
+        }
+
+    def save(self, out: str | Path) -> Path:
+        """Write the model folder: weights, config, tokenizer, the set under longrope-sets/, finetune.json."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.ev.use(None, 0)  # the stock rotary module back, so nothing of the evaluator's is saved
+        self.model.save_pretrained(out, safe_serialization=True)
+        for name in COPIED_FILES:
+            src = self.ev.model_dir / name
+            if src.exists() and not (out / name).exists():
+                shutil.copy2(src, out / name)
+        record = self.record()
+        prov = self.fs.provenance.model_copy(
+            update={
+                "metrics": {
+                    **self.fs.provenance.metrics,
+                    "finetuned": {k: v for k, v in record.items() if k != "losses"},
+                }
+            }
+        )
+        sets_dir = out / MODEL_SETS_DIR
+        sets_dir.mkdir(exist_ok=True)
+        save_json_set(self.fs.with_updates(provenance=prov), sets_dir / f"{self.fs.name}.json")
+        tmp = out / f"{RECORD_NAME}.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, out / RECORD_NAME)
+        return out
