@@ -57,6 +57,11 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     )
     g.add_argument(f"--{prefix}checkpoint-every", type=int, default=25, help="write a checkpoint every N steps")
     g.add_argument(
+        f"--{prefix}gradient-checkpointing",
+        action="store_true",
+        help="recompute activations during backward (less memory for long windows of real models, slower)",
+    )
+    g.add_argument(
         f"--{prefix}time-budget",
         type=float,
         help="minutes; after the step that passes it, write a checkpoint and stop (continue with --resume)",
@@ -84,6 +89,7 @@ def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "")
         text=get("text"),
         checkpoint_every=get("checkpoint-every"),
         time_budget_s=budget * 60 if budget is not None else None,
+        gradient_checkpointing=get("gradient-checkpointing"),
     )
     try:
         config.validate()

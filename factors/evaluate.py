@@ -187,6 +187,10 @@ class Evaluator:
         self._memo[key] = math.exp(total / count)
         return self._memo[key]
 
+    def forget_measurements(self) -> None:
+        """Drop the memoised perplexities (the model's weights are about to change, e.g. fine-tuning)."""
+        self._memo.clear()
+
     def _auto_batch(self, length: int) -> int:
         """Windows per forward: keep about 16k tokens of activations per batch."""
         return max(1, 16384 // length)

@@ -242,7 +242,7 @@ class ExtendRun:
         if "short" in stages and "short" not in self.done:
             t0 = time.monotonic()
             ev = self.make_evaluator(self.model_dir)
-            short = short_readjust(ev, text_tokens(ev, sp.text), self.load("first"), sp)
+            short = short_readjust(ev, text_tokens(ev, sp.text), self.load("first"), sp, trained_under_long=True)
             self._save_set(short, "short")
             self._finish("short", t0, set=short.name, ppl=short.provenance.metrics.get("ppl"))
         if "compare" in stages and "compare" not in self.done:

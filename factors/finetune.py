@@ -64,6 +64,7 @@ class FinetuneConfig:
     text: str = "stdlib:train"
     checkpoint_every: int = 25
     time_budget_s: float | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward: long windows of real models
 
     def validate(self) -> None:
         """ValueError when the budget cannot run (checked before any model is loaded)."""
@@ -85,7 +86,8 @@ class FinetuneConfig:
 
     # the checkpoint must come from the same run: everything but the time budget and the checkpoint rhythm
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("time_budget_s", "checkpoint_every")}
+        skip = ("time_budget_s", "checkpoint_every", "gradient_checkpointing")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass
@@ -160,6 +162,9 @@ class Finetuner:
             st.stopped_by = "steps"
             return st
         self.ev.use(self.fs, cfg.target_len)
+        self.ev.forget_measurements()  # the weights change: no perplexity measured before holds
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
         self.model.train()
         bar = None
         if self.progress:

@@ -144,11 +144,15 @@ def factor_set_json(fs: FactorSet) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write temp file + fsync + rename + fsync(dir): readers see the old file or the new, never half."""
+    """Write temp file + fsync + rename + fsync(dir): readers see the old file or the new, never half. The
+    file gets the permissions of any new file (0666 less the umask), not mkstemp's private 0600."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

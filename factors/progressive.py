@@ -107,10 +107,18 @@ def given_seeds(plan: SearchPlan, target_len: int) -> list[tuple[str, list[float
     return out
 
 
-def short_readjust(ev: Evaluator, tokens: torch.Tensor, long_set: FactorSet | None, plan: SearchPlan) -> FactorSet:
+def short_readjust(
+    ev: Evaluator,
+    tokens: torch.Tensor,
+    long_set: FactorSet | None,
+    plan: SearchPlan,
+    trained_under_long: bool = False,
+) -> FactorSet:
     """Search at the original window with plan.short's budget (NAME-short, on plan.short_samples windows):
     seeds are the identity (the model's own in-window ppl) and softened versions of the long set's λ
-    (λ^0.5, λ^0.25), so the result never measures worse than the model itself on the search windows."""
+    (λ^0.5, λ^0.25), so the result never measures worse than the model itself on the search windows. For a
+    model fine-tuned under the long set (``trained_under_long``) the long λ itself is a seed too: that model
+    has learnt those angles at short positions as well."""
     if plan.short is None:
         raise ValueError("the plan has no short search (SearchPlan.short)")
     config = plan.short
@@ -118,8 +126,8 @@ def short_readjust(ev: Evaluator, tokens: torch.Tensor, long_set: FactorSet | No
     extra: list[tuple[str, list[float], int]] = []
     high = config.high
     if long_set is not None:
-        for power in (0.5, 0.25):
-            extra.append((f"long^{power}", [f**power for f in long_set.factors], 0))
+        for power in (1.0, 0.5, 0.25) if trained_under_long else (0.5, 0.25):
+            extra.append(("long" if power == 1.0 else f"long^{power}", [f**power for f in long_set.factors], 0))
         high = high or max(2.0, max(long_set.factors))
     cfg = replace(config, target_len=original, seed_methods=("identity",), high=high, mscale=config.mscale or 1.0)
     stem = f"{plan.name}-short"

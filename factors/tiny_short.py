@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .byte_tokenizer import write_byte_tokenizer
 from .corpus import stdlib_text
 
 DEFAULT_OUT = Path(__file__).parent / "data" / "tiny-short" / "model"
@@ -122,6 +123,7 @@ def train(
     ppl = window_ppl(model, heldout, context, samples=64, seed=1234)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    write_byte_tokenizer(out)  # so vLLM and transformers take text prompts (ids = bytes, as here)
     metrics = {
         "steps": steps,
         "batch": batch,

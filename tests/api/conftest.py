@@ -34,7 +34,7 @@ class RunningServer:
 
 def start_server(
     model: Path,
-    sets: Path,
+    sets: Path | None,
     workdir: Path,
     registry: Path | None = None,
     admin: bool = True,
@@ -42,7 +42,8 @@ def start_server(
     env: dict[str, str] | None = None,
 ) -> RunningServer:
     """Start longrope-serve on a free loopback port and wait for /health. ``extra_args`` are appended to
-    the command line; ``env`` entries override the environment (after the admin token is set or removed)."""
+    the command line; ``env`` entries override the environment (after the admin token is set or removed).
+    ``sets`` None: no --factors (the model's own sets)."""
     port = free_port()
     registry = registry or workdir / "registry"
     log = workdir / f"server-{port}.log"
@@ -52,8 +53,7 @@ def start_server(
         str(model),
         "--served-model-name",
         "tiny",
-        "--factors",
-        str(sets),
+        *(["--factors", str(sets)] if sets is not None else []),
         "--registry",
         str(registry),
         "--default-reserve",
