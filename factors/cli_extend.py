@@ -142,11 +142,17 @@ def cmd_extend(args: argparse.Namespace) -> int:
             finetune=finetune_config(args, args.target_len, prefix="ft_"),
             next_target=args.next_target,
             next_samples=args.next_samples,
+            next_budget={
+                k: getattr(args, f"next_{k}")
+                for k in ("population", "parents", "mutations", "crossovers", "generations")
+                if getattr(args, f"next_{k}") is not None
+            },
             compare=tuple(args.compare),
             report=ReportPlan(
                 text=args.report_text,
                 lengths=tuple(args.report_lengths or ()),
                 samples=args.report_samples,
+                tokens=args.report_tokens,
                 seed=args.report_seed,
                 passkey_lengths=tuple(args.passkey_lengths or ()),
                 passkey_trials=args.passkey_trials,
@@ -221,6 +227,8 @@ def add_extend_commands(sub: Any) -> None:
     p.add_argument("--name", default="longrope", help="set names: NAME-<target>, NAME-<next>, NAME-short")
     add_search_budget_options(p)
     p.add_argument("--next-samples", type=int, help="windows per evaluation of the next search (default --samples)")
+    for what in ("population", "parents", "mutations", "crossovers", "generations"):
+        p.add_argument(f"--next-{what}", type=int, help=f"{what} of the next search (default --{what})")
     add_short_budget_options(p)
     add_finetune_options(p, prefix="ft-")
     g = p.add_argument_group("comparison and report")
@@ -239,6 +247,12 @@ def add_extend_commands(sub: Any) -> None:
         "--report-lengths", type=int_list(what="lengths"), help="default: original window × 2^k to --next-target"
     )
     g.add_argument("--report-samples", type=int, default=4, help="windows per length in the report")
+    g.add_argument(
+        "--report-tokens",
+        type=int,
+        default=0,
+        help="at least this many tokens per length in the report: more windows where they are short",
+    )
     g.add_argument("--report-seed", type=int, default=1, help="seed of the report's windows and passkeys")
     g.add_argument("--passkey-lengths", type=int_list(what="lengths"), help="passkey retrieval at these lengths")
     g.add_argument("--passkey-trials", type=int, default=2, help="keys per depth (5 depths)")

@@ -37,7 +37,7 @@ from .baselines import make_baseline
 from .finetune import FinetuneConfig, Finetuner
 from .formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json_set
 from .schema import FactorSet, FactorSetError
-from .search import SearchPlan
+from .search import SearchConfig, SearchPlan
 
 logger = logging.getLogger("longrope.extend")
 
@@ -51,12 +51,16 @@ class StageInterrupted(Exception):
 
 @dataclass(frozen=True)
 class ReportPlan:
-    """What the report measures: perplexity on ``text`` at ``lengths`` (``samples`` windows each, offsets
-    seeded by ``seed``) and passkey retrieval at ``passkey_lengths``."""
+    """What the report measures: perplexity on ``text`` at ``lengths`` (``samples`` windows each, or more to
+    reach ``tokens`` tokens; offsets seeded by ``seed``) and passkey retrieval at ``passkey_lengths``."""
+
+    def samples_at(self, length: int) -> int:
+        return max(self.samples, self.tokens // length)
 
     text: str = "stdlib:heldout"
     lengths: tuple[int, ...] = ()  # default: the original window × 1, 2, 4, … up to the next target
     samples: int = 4
+    tokens: int = 0  # at least this many tokens per length: more windows at short lengths, where they are cheap
     seed: int = 1
     baselines: tuple[str, ...] = ("pi", "ntk", "yarn")
     passkey_lengths: tuple[int, ...] = ()
@@ -67,12 +71,14 @@ class ReportPlan:
 class ExtendPlan:
     """Everything one ``extend`` run decides. ``search`` is the first search (its ``long.target_len`` is the
     first target; its ``short`` the budget of the readjustment); ``next_target`` the window of the second
-    search, which runs with the first one's budget on ``next_samples`` windows."""
+    search, which runs with the first one's budget (but for the ``next_budget`` overrides) on ``next_samples``
+    windows."""
 
     search: SearchPlan
     finetune: FinetuneConfig
     next_target: int
     next_samples: int | None = None
+    next_budget: dict[str, int] = field(default_factory=dict)  # population/parents/... of the next search
     compare: tuple[str, ...] = ()
     report: ReportPlan = field(default_factory=ReportPlan)
 
@@ -85,7 +91,12 @@ class ExtendPlan:
         if self.finetune.target_len != first:
             raise ValueError(f"the fine-tune length ({self.finetune.target_len}) must be the first target ({first})")
         self.finetune.validate()
-        replace(self.search.long, target_len=self.next_target).validate()
+        self.next_config.validate()
+
+    @property
+    def next_config(self) -> SearchConfig:
+        """The next search: the first one's budget and constraints at the next target, with any overrides."""
+        return replace(self.search.long, target_len=self.next_target, **self.next_budget)
 
     @property
     def name(self) -> str:
@@ -111,6 +122,7 @@ class ExtendPlan:
                     "finetune": self.finetune.identity(),
                     "next_target": self.next_target,
                     "next_samples": self.next_samples,
+                    "next_budget": self.next_budget,
                     "compare": list(self.compare),
                     "report": asdict(self.report),
                 }
@@ -225,7 +237,7 @@ class ExtendRun:
             ev = self.make_evaluator(self.model_dir)
             tokens = text_tokens(ev, sp.text)
             seeded = replace(sp, seed_sets=(self.load("first"),), stages=())
-            config = replace(sp.long, target_len=plan.next_target)
+            config = plan.next_config
             name = f"{plan.name}-{plan.next_target}"
             nxt, _ = search_set(
                 ev,

@@ -117,8 +117,9 @@ def short_readjust(
     """Search at the original window with plan.short's budget (NAME-short, on plan.short_samples windows):
     seeds are the identity (the model's own in-window ppl) and softened versions of the long set's λ
     (λ^0.5, λ^0.25), so the result never measures worse than the model itself on the search windows. For a
-    model fine-tuned under the long set (``trained_under_long``) the long λ itself is a seed too: that model
-    has learnt those angles at short positions as well."""
+    model fine-tuned under the long set (``trained_under_long``) the long λ itself is a seed too, and the
+    search keeps the long set's mscale: that model has learnt those angles and that scale at short positions
+    as well."""
     if plan.short is None:
         raise ValueError("the plan has no short search (SearchPlan.short)")
     config = plan.short
@@ -129,7 +130,10 @@ def short_readjust(
         for power in (1.0, 0.5, 0.25) if trained_under_long else (0.5, 0.25):
             extra.append(("long" if power == 1.0 else f"long^{power}", [f**power for f in long_set.factors], 0))
         high = high or max(2.0, max(long_set.factors))
-    cfg = replace(config, target_len=original, seed_methods=("identity",), high=high, mscale=config.mscale or 1.0)
+    # The short set's attention scale: 1 (the model's own) — or, for a model fine-tuned under the long set, that
+    # set's, which the model now expects at every position (Phi-3's configs, too, share one attention factor).
+    mscale = config.mscale or (long_set.resolved_mscale if trained_under_long and long_set is not None else 1.0)
+    cfg = replace(config, target_len=original, seed_methods=("identity",), high=high, mscale=mscale)
     stem = f"{plan.name}-short"
     fs, _ = search_set(
         ev,

@@ -93,7 +93,7 @@ def measure(run: ExtendRun) -> dict[str, Any]:
         tokens = text_tokens(ev, rp.text)
         for length in lengths:
             fs = row.set_for(length, original, geo)
-            value = ev.perplexity(fs, ev.windows(tokens, length, rp.samples, rp.seed))
+            value = ev.perplexity(fs, ev.windows(tokens, length, rp.samples_at(length), rp.seed))
             ppl.append({"set": row.label, "length": int(length), "ppl": value, "factor_set": fs.name})
         for length in rp.passkey_lengths:
             fs = row.set_for(length, original, geo)
@@ -108,13 +108,21 @@ def measure(run: ExtendRun) -> dict[str, Any]:
                     "factor_set": fs.name,
                 }
             )
-    return {"lengths": list(lengths), "rows": [r.label for r in rows], "ppl": ppl, "passkey": passkey}
+    samples = {int(n): rp.samples_at(n) for n in lengths}
+    return {
+        "lengths": list(lengths),
+        "samples": samples,
+        "rows": [r.label for r in rows],
+        "ppl": ppl,
+        "passkey": passkey,
+    }
 
 
-def markdown(result: dict[str, Any], text: str, samples: int) -> str:
+def markdown(result: dict[str, Any], text: str) -> str:
     lengths = result["lengths"]
     head = "| model / method | " + " | ".join(str(n) for n in lengths) + " |\n|---|" + "---:|" * len(lengths) + "\n"
-    lines = [f"Perplexity on `{text}` ({samples} windows per length):\n", head]
+    windows = ", ".join(f"{result['samples'][n]} at {n}" for n in lengths)
+    lines = [f"Perplexity on `{text}` (windows per length: {windows}):\n\n", head]
     for label in result["rows"]:
         cells = {r["length"]: r["ppl"] for r in result["ppl"] if r["set"] == label}
         lines.append(f"| {label} | " + " | ".join(f"{cells[n]:.3f}" for n in lengths) + " |\n")
@@ -146,6 +154,6 @@ def write_report(run: ExtendRun) -> dict[str, Any]:
     out = run.out
     (out / "report.json").write_text(json.dumps({"done": run.done, **result}, indent=1) + "\n")
     (out / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["ppl"]))
-    (out / "report.md").write_text(markdown(result, rp.text, rp.samples))
+    (out / "report.md").write_text(markdown(result, rp.text))
     plot_ppl_records(result["ppl"], out / "report.png", window=run.original, title="perplexity against length")
     return result

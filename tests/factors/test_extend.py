@@ -26,7 +26,7 @@ ARGS += ["--samples", "1", "--population", "3", "--parents", "2", "--mutations",
 ARGS += ["--generations", "1", "--short-generations", "1", "--short-population", "2", "--short-parents", "1"]
 ARGS += ["--ft-steps", "40", "--ft-grad-accum", "1", "--ft-lr", "1e-3", "--ft-warmup", "2"]
 ARGS += ["--ft-checkpoint-every", "1", "--compare", "yarn", "--report-lengths", "128,256,512"]
-ARGS += ["--report-samples", "1", "--no-progress"]
+ARGS += ["--report-samples", "1", "--report-tokens", "512", "--next-generations", "2", "--no-progress"]
 
 
 def _extend(out: Path, *extra: str) -> int:
@@ -68,11 +68,16 @@ def test_every_stage_writes_its_result(uninterrupted: Path) -> None:
         "yarn-256",
         "yarn-512",
     ]
-    nxt = load_json_set(out / "sets" / "longrope-512.json")
+    first, nxt, short = (load_json_set(out / "sets" / f"longrope-{t}.json") for t in ("256", "512", "short"))
     assert "from-256" in nxt.provenance.metrics["seed_ppl"]  # the next search is seeded with the first set, stretched
+    # the short readjustment of a model fine-tuned under the first set: its λ is a seed, its mscale is kept
+    assert set(short.provenance.metrics["seed_ppl"]) == {"identity", "long", "long^0.5", "long^0.25"}
+    assert short.max_len == 128 and short.resolved_mscale == first.resolved_mscale > 1
     assert json.loads((out / "model" / "finetune.json").read_text())["steps"] == 40
     report = json.loads((out / "report.json").read_text())
     assert report["lengths"] == [128, 256, 512] and len(report["ppl"]) == 3 * len(report["rows"])
+    assert report["samples"] == {"128": 4, "256": 2, "512": 1}  # --report-tokens 512, at least --report-samples
+    assert nxt.provenance.metrics["generations_run"] == 2  # --next-generations overrides the first search's 1
     assert {r["factor_set"] for r in report["ppl"] if r["set"] == "longrope, fine-tuned at 256"} == {
         "longrope-short",
         "longrope-256",
