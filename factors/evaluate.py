@@ -96,12 +96,14 @@ class Evaluator:
     # -- text -------------------------------------------------------------------------------------
 
     def _load_tokenizer(self) -> Any:
+        if self.model.config.vocab_size == 256:
+            # byte-level model: token = UTF-8 byte (its tokenizer files, if any, are factors.byte_tokenizer's,
+            # which give the same ids; bytes are read directly, without tokenising megabytes of text in Python)
+            return None
         if (self.model_dir / "tokenizer.json").exists() or (self.model_dir / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(self.model_dir)
-        if self.model.config.vocab_size == 256:
-            return None  # byte-level model: token = UTF-8 byte
         raise FactorSetError(f"{self.model_dir}: no tokenizer files and not a byte-level (vocab 256) model")
 
     def tokenize(self, text: str) -> torch.Tensor:
