@@ -24,7 +24,7 @@ MODEL = ROOT / "factors" / "data" / "tiny-short" / "model"
 ARGS = ["--model", str(MODEL), "--threads", "1", "--target-len", "256", "--next-target", "512"]
 ARGS += ["--samples", "1", "--population", "3", "--parents", "2", "--mutations", "1", "--crossovers", "1"]
 ARGS += ["--generations", "1", "--short-generations", "1", "--short-population", "2", "--short-parents", "1"]
-ARGS += ["--ft-steps", "40", "--ft-grad-accum", "1", "--ft-lr", "1e-3", "--ft-warmup", "2"]
+ARGS += ["--ft-steps", "16", "--ft-grad-accum", "1", "--ft-lr", "1e-3", "--ft-warmup", "2"]
 ARGS += ["--ft-checkpoint-every", "1", "--compare", "yarn", "--report-lengths", "128,256,512"]
 ARGS += ["--report-samples", "1", "--report-tokens", "512", "--next-generations", "2", "--no-progress"]
 
@@ -73,7 +73,7 @@ def test_every_stage_writes_its_result(uninterrupted: Path) -> None:
     # the short readjustment of a model fine-tuned under the first set: its λ is a seed, its mscale is kept
     assert set(short.provenance.metrics["seed_ppl"]) == {"identity", "long", "long^0.5", "long^0.25"}
     assert short.max_len == 128 and short.resolved_mscale == first.resolved_mscale > 1
-    assert json.loads((out / "model" / "finetune.json").read_text())["steps"] == 40
+    assert json.loads((out / "model" / "finetune.json").read_text())["steps"] == 16
     report = json.loads((out / "report.json").read_text())
     assert report["lengths"] == [128, 256, 512] and len(report["ppl"]) == 3 * len(report["rows"])
     assert report["samples"] == {"128": 4, "256": 2, "512": 1}  # --report-tokens 512, at least --report-samples
