@@ -141,6 +141,8 @@ class ExtendRun:
         self.state_path = self.out / STATE_FILE
         self.done: dict[str, Any] = {}
         self._identity: dict[str, Any] = {}
+        self._evaluators: dict[Path, Any] = {}
+        self._tokens: dict[tuple[Path, str], Any] = {}
         self.original = read_model_rope(self.source).geometry.original_max_len
 
     # -- state -------------------------------------------------------------------------------------
@@ -204,28 +206,16 @@ class ExtendRun:
     # -- stages ------------------------------------------------------------------------------------
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-        from .progressive import given_seeds, progressive, search_set, short_readjust, text_tokens
+        from .progressive import progressive, search_set, short_readjust
+        from .search import scaled_seed
 
         plan = self.plan
         sp = replace(plan.search, checkpoint_dir=self.out / "checkpoints", resume=True)
         first_len = sp.long.target_len
         if "search" in stages and "search" not in self.done:
             t0 = time.monotonic()
-            ev = self.make_evaluator(self.source)
-            tokens = text_tokens(ev, sp.text)
-            if sp.progressive:
-                chain = progressive(ev, tokens, replace(sp, name=plan.name))
-                first = chain[-1]
-            else:
-                first, _ = search_set(
-                    ev,
-                    tokens,
-                    sp,
-                    sp.long,
-                    name=f"{plan.name}-{first_len}",
-                    checkpoint=sp.checkpoint(f"{plan.name}-{first_len}"),
-                    extra_seeds=given_seeds(sp, first_len),
-                )
+            ev = self.evaluator(self.source)
+            first = progressive(ev, self.tokens(self.source, sp.text), sp)[-1]  # one search, or the chain
             self._save_set(first, "first", into_model=False)
             self._finish("search", t0, set=first.name, ppl=first.provenance.metrics.get("ppl"))
         if "finetune" in stages and "finetune" not in self.done:
@@ -234,27 +224,28 @@ class ExtendRun:
             self._finish("finetune", t0, first_loss=record["first_loss"], last_loss=record["last_loss"])
         if "next" in stages and "next" not in self.done:
             t0 = time.monotonic()
-            ev = self.make_evaluator(self.model_dir)
-            tokens = text_tokens(ev, sp.text)
-            seeded = replace(sp, seed_sets=(self.load("first"),), stages=())
-            config = plan.next_config
             name = f"{plan.name}-{plan.next_target}"
             nxt, _ = search_set(
-                ev,
-                tokens,
-                seeded,
-                config,
+                self.evaluator(self.model_dir),
+                self.tokens(self.model_dir, sp.text),
+                sp,
+                plan.next_config,
                 name=name,
                 checkpoint=sp.checkpoint(name),
                 samples=plan.next_samples or sp.samples,
-                extra_seeds=given_seeds(seeded, plan.next_target),
+                extra_seeds=[scaled_seed(self.load("first"), plan.next_target)],
             )
             self._save_set(nxt, "next")
             self._finish("next", t0, set=nxt.name, ppl=nxt.provenance.metrics.get("ppl"))
         if "short" in stages and "short" not in self.done:
             t0 = time.monotonic()
-            ev = self.make_evaluator(self.model_dir)
-            short = short_readjust(ev, text_tokens(ev, sp.text), self.load("first"), sp, trained_under_long=True)
+            short = short_readjust(
+                self.evaluator(self.model_dir),
+                self.tokens(self.model_dir, sp.text),
+                self.load("first"),
+                sp,
+                trained_under_long=True,
+            )
             self._save_set(short, "short")
             self._finish("short", t0, set=short.name, ppl=short.provenance.metrics.get("ppl"))
         if "compare" in stages and "compare" not in self.done:
@@ -276,6 +267,24 @@ class ExtendRun:
             write_report(self)
             self._finish("report", t0)
         return self.done
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def evaluator(self, model_dir: Path) -> Any:
+        """The evaluator of a model that is only measured (searches, report): loaded once per run. A
+        fine-tune gets a fresh one of its own (:meth:`_finetune`), whose weights it changes."""
+        if model_dir not in self._evaluators:
+            self._evaluators[model_dir] = self.make_evaluator(model_dir)
+        return self._evaluators[model_dir]
+
+    def tokens(self, model_dir: Path, text: str) -> Any:
+        """A text's token ids under a model's tokenizer, tokenised once per run."""
+        from .progressive import text_tokens
+
+        key = (model_dir, text)
+        if key not in self._tokens:
+            self._tokens[key] = text_tokens(self.evaluator(model_dir), text)
+        return self._tokens[key]
 
     def _finetune(self, fs: FactorSet, folder: Path, checkpoint_dir: Path) -> dict[str, Any]:
         from .progressive import text_tokens

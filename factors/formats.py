@@ -364,7 +364,7 @@ def expand_set_paths(paths: Any) -> list[Path]:
 def model_set_files(model_dir: str | os.PathLike[str]) -> list[Path]:
     """The factor-set files a model folder carries in MODEL_SETS_DIR (none when it has no such folder)."""
     folder = Path(model_dir) / MODEL_SETS_DIR
-    return sorted(q for q in folder.glob("*.json") if q.is_file()) if folder.is_dir() else []
+    return expand_set_paths([folder]) if folder.is_dir() else []
 
 
 def load_set_paths(paths: Any, *, monotone: MonotonePolicy = "warn") -> list[FactorSet]:

@@ -79,18 +79,14 @@ def default_lengths(original: int, top: int) -> tuple[int, ...]:
 
 def measure(run: ExtendRun) -> dict[str, Any]:
     """ppl and passkey records of every row (one evaluator per model, the same windows for every row)."""
-    from .progressive import text_tokens
-
     rp, original = run.plan.report, run.original
     geo = read_model_rope(run.source).geometry
     lengths = rp.lengths or default_lengths(original, run.plan.next_target)
     rows = report_rows(run)
     ppl: list[dict[str, Any]] = []
     passkey: list[dict[str, Any]] = []
-    evaluators: dict[Path, Any] = {}
     for row in rows:
-        ev = evaluators.get(row.model) or evaluators.setdefault(row.model, run.make_evaluator(row.model))
-        tokens = text_tokens(ev, rp.text)
+        ev, tokens = run.evaluator(row.model), run.tokens(row.model, rp.text)
         for length in lengths:
             fs = row.set_for(length, original, geo)
             value = ev.perplexity(fs, ev.windows(tokens, length, rp.samples_at(length), rp.seed))

@@ -39,12 +39,12 @@ class HttpAdmissions:
     unclaimed: list[tuple[Sequence[int], Assignment]] = field(default_factory=list)
 
     def take(self, prompt_ids: Sequence[int]) -> Assignment | None:
-        """The admission made for this prompt (same token list, or an equal one), removed from the unclaimed."""
-        for match in (lambda ids: ids is prompt_ids, lambda ids: len(ids) == len(prompt_ids) and ids == prompt_ids):
-            for i, (ids, assignment) in enumerate(self.unclaimed):
-                if match(ids):
-                    del self.unclaimed[i]
-                    return assignment
+        """The admission made for this prompt (the same token list, or an equal one: equal prompts of one
+        request get the same set), removed from the unclaimed."""
+        for i, (ids, assignment) in enumerate(self.unclaimed):
+            if ids is prompt_ids or ids == prompt_ids:
+                del self.unclaimed[i]
+                return assignment
         return None
 
 

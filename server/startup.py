@@ -40,9 +40,10 @@ def startup_sets(model_dir: str | Path, factor_paths: Iterable[str | Path] = ())
     if model.rope_type in ("longrope", "su"):
         sets.extend(sets_from_hf_config(cfg, source=str(config_path)))
     factor_paths = list(factor_paths)
-    if not factor_paths and model_set_files(model_dir):
+    if not factor_paths:
         factor_paths = model_set_files(model_dir)
-        logger.info("sets from the model folder: %s", ", ".join(p.name for p in factor_paths))
+        if factor_paths:
+            logger.info("sets from the model folder: %s", ", ".join(p.name for p in factor_paths))
     for fs in load_set_paths(factor_paths):
         check_compatible(fs, model)
         sets.append(fs)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from tiny_models import ROTARY_DIM, write_set
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,7 +20,6 @@ def default_model() -> Path:
     return ensure_default_model()
 
 
-ROTARY_DIM = 64
 PAIRS = ROTARY_DIM // 2
 
 
@@ -31,24 +30,6 @@ def mid_factors() -> list[float]:
 
 def nhat_factors() -> list[float]:
     return [1.0 + 7.0 * (i / (PAIRS - 1)) for i in range(PAIRS)]
-
-
-def write_set(folder: Path, name: str, factors: list[float], max_len: int, **extra: object) -> Path:
-    path = folder / f"{name}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "name": name,
-                "factors": factors,
-                "rope_theta": 10000.0,
-                "rotary_dim": ROTARY_DIM,
-                "original_max_len": 256,
-                "max_len": max_len,
-                **extra,
-            }
-        )
-    )
-    return path
 
 
 @pytest.fixture(scope="session")

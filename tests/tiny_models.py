@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+ROTARY_DIM = 64  # head_dim of every tiny model here: 32 frequency pairs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # 2 layers, hidden 128, 2 heads → head_dim 64 (the CPU attention's smallest supported size), fp32,
@@ -118,3 +121,11 @@ def make_tiny_phi3(
         for layer in model.model.layers:
             layer.self_attn.qkv_proj.weight[:q_and_k] *= qk_scale
     return _save(model, folder, tokenizer_dir)
+
+
+def write_set(folder: Path, name: str, factors: list[float], max_len: int, **extra: object) -> Path:
+    """A factor-set file for the tiny models (rotary_dim 64, RoPE base 10000, original window 256)."""
+    path = folder / f"{name}.json"
+    body = {"name": name, "factors": factors, "rope_theta": 10000.0, "rotary_dim": ROTARY_DIM}
+    path.write_text(json.dumps({**body, "original_max_len": 256, "max_len": max_len, **extra}))
+    return path

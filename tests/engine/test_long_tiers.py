@@ -21,6 +21,7 @@ from engine_harness import (
     scoped_env,
 )
 from faulty_worker import FAIL_PREFIX, FAULT, QUALNAME
+from tiny_models import write_set
 
 pytestmark = pytest.mark.engine
 
@@ -32,11 +33,6 @@ TOKEN = "tiers-admin-token"
 
 def _lam(top: float, power: float = 1.0) -> list[float]:
     return [1.0 + (top - 1.0) * (i / (PAIRS - 1)) ** power for i in range(PAIRS)]
-
-
-def write_set(folder: Path, name: str, factors: list[float], max_len: int, **extra: object) -> None:
-    body = {"name": name, "factors": factors, "rope_theta": 10000.0, "rotary_dim": 2 * PAIRS}
-    (folder / f"{name}.json").write_text(json.dumps({**body, "original_max_len": 256, "max_len": max_len, **extra}))
 
 
 @pytest.fixture(scope="module")
