@@ -11,8 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what static checkers and IDEs see; at run time these come from __getattr__
-    from .baselines import identity_set, make_baseline, ntk_set, pi_set, yarn_set
-    from .formats import (
+    from factors.baselines import identity_set, make_baseline, ntk_set, pi_set, yarn_set
+    from factors.formats import (
         ModelRope,
         check_compatible,
         hf_config_from_sets,
@@ -23,9 +23,9 @@ if TYPE_CHECKING:  # what static checkers and IDEs see; at run time these come f
         save_json_set,
         sets_from_hf_config,
     )
-    from .geometry import RopeGeometry
-    from .rope import angles, base_inv_freq, cos_sin, cos_sin_table, inv_freq
-    from .schema import FactorSet, FactorSetError, ModelFingerprint, Provenance, default_mscale, parse_factor_set
+    from factors.geometry import RopeGeometry
+    from factors.rope import angles, base_inv_freq, cos_sin, cos_sin_table, inv_freq
+    from factors.schema import FactorSet, FactorSetError, ModelFingerprint, Provenance, default_mscale, parse_factor_set
 
 # public name -> submodule that defines it (torch only behind baselines and rope)
 _EXPORTS = {

@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from .geometry import RopeGeometry
-from .rope import base_inv_freq
-from .schema import FactorSet, Provenance
+from factors.geometry import RopeGeometry
+from factors.rope import base_inv_freq
+from factors.schema import FactorSet, Provenance
 
 BASELINE_METHODS = ("identity", "pi", "ntk", "yarn")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .geometry import RopeGeometry
-from .schema import FactorSet, FactorSetError, ModelFingerprint, MonotonePolicy, parse_factor_set
+from factors.geometry import RopeGeometry
+from factors.schema import FactorSet, FactorSetError, ModelFingerprint, MonotonePolicy, parse_factor_set
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 # A model folder's own factor sets (written by ``longrope-factors finetune`` / ``extend``; the server loads them

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schema import ModelFingerprint
+from factors.schema import ModelFingerprint
 
 
 def slot_bytes(rotary_dim: int) -> int:

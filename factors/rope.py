@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .geometry import slot_bytes
-from .schema import FactorSet
+from factors.geometry import slot_bytes
+from factors.schema import FactorSet
 
 __all__ = ["StepRope", "angles", "base_inv_freq", "cos_sin", "cos_sin_table", "inv_freq", "slot_bytes"]
 

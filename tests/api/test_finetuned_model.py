@@ -12,7 +12,7 @@ import openai
 import pytest
 from api.conftest import ADMIN_TOKEN, RunningServer, start_server
 
-from factors.corpus import stdlib_text
+from factors.evaluation.corpus import stdlib_text
 from factors.formats import load_json_set, model_set_files
 
 pytestmark = pytest.mark.engine

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from factors.cli import build_parser, main
+from factors.cli.main import build_parser, main
 
 MODEL_CFG = {
     "model_type": "llama",
@@ -182,7 +182,7 @@ def test_every_option_of_every_subcommand_has_help() -> None:
 
 
 def test_shared_list_types() -> None:
-    from factors.cli_args import float_list, int_list, name_list
+    from factors.cli.args import float_list, int_list, name_list
 
     assert int_list()("256, 512,1024") == [256, 512, 1024]
     assert int_list(minimum=0)("4,0,4") == [4, 0, 4]
@@ -222,7 +222,7 @@ def test_bad_search_options_fail_before_loading_a_model(
 
 
 def test_search_plan_from_options(model_dir: Path) -> None:
-    from factors.cli_search import search_plan
+    from factors.cli.search import search_plan
 
     args = build_parser().parse_args(
         ["search", "--model", str(model_dir), "--target-len", "16384", "--progressive", "8192,4096,16384"]
@@ -243,5 +243,5 @@ def test_search_plan_from_options(model_dir: Path) -> None:
 
 
 def test_cli_args_module_needs_no_torch() -> None:
-    code = "import sys, factors.cli_args; print('torch' in sys.modules)"
+    code = "import sys, factors.cli.args; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from factors.cli import main
+from factors.cli.main import main
 from factors.formats import check_compatible, load_json_set, read_model_rope
 
-MODEL = Path(__file__).resolve().parents[2] / "factors" / "data" / "tiny-short" / "model"
+MODEL = Path(__file__).resolve().parents[3] / "factors" / "data" / "tiny-short" / "model"
 
 
 def test_search_command_progressive_short_table_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .baselines import RopeGeometry, make_baseline
-from .formats import atomic_write_text
-from .schema import FactorSet, Provenance, default_mscale
+from factors.baselines import RopeGeometry, make_baseline
+from factors.formats import atomic_write_text
+from factors.schema import FactorSet, Provenance, default_mscale
 
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
 CHECKPOINT_VERSION = 1
@@ -72,7 +72,7 @@ class SearchConfig:
 @dataclass(frozen=True)
 class SearchPlan:
     """Everything one ``longrope-factors search`` run decides, handed down whole from the CLI to
-    :func:`factors.progressive.run_search` and on to every stage (instead of keyword lists per layer).
+    :func:`factors.search.progressive.run_search` and on to every stage (instead of keyword lists per layer).
 
     ``long`` is the budget of the long search (its ``target_len`` is the long set's window); ``stages`` the
     shorter lengths of a progressive chain before it; ``short``, if given, the budget of the short

@@ -14,20 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .baselines import BASELINE_METHODS
-from .cli_args import DefaultsHelpFormatter, add_model_options, float_list, int_list, name_list
-from .formats import factor_set_json, load_any, read_model_rope, save_json_set
-from .schema import FactorSet, FactorSetError
-from .search import N_HAT_CHOICES, SearchConfig, SearchPlan
+from factors.baselines import BASELINE_METHODS
+from factors.cli.args import DefaultsHelpFormatter, add_model_options, float_list, int_list, name_list
+from factors.formats import factor_set_json, load_any, read_model_rope, save_json_set
+from factors.schema import FactorSet, FactorSetError
+from factors.search.evolution import N_HAT_CHOICES, SearchConfig, SearchPlan
 
 TEXT_HELP = (
     "text to measure on: a UTF-8 file, or stdlib:search / stdlib:heldout / stdlib:train for the Python"
-    " standard library's source split by file (see factors.corpus)"
+    " standard library's source split by file (see factors.evaluation.corpus)"
 )
 
 
 def _evaluator(args: argparse.Namespace) -> Any:
-    from .evaluate import Evaluator
+    from factors.evaluation.evaluator import Evaluator
 
     return Evaluator(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
 
@@ -37,7 +37,7 @@ def _sets(paths: list[str]) -> list[FactorSet]:
 
 
 def _tokens(ev: Any, spec: str) -> Any:
-    from .progressive import text_tokens
+    from factors.search.progressive import text_tokens
 
     return text_tokens(ev, spec)
 
@@ -111,7 +111,7 @@ def search_plan(args: argparse.Namespace) -> SearchPlan:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .progressive import run_search
+    from factors.search.progressive import run_search
 
     plan = search_plan(args)
     ev = _evaluator(args)
@@ -188,7 +188,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_ppl(args: argparse.Namespace) -> int:
-    from .plotting import plot_ppl_records
+    from factors.evaluation.plotting import plot_ppl_records
 
     if args.records:
         records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]

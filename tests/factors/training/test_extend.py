@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from factors.cli import main
+from factors.cli.main import main
 from factors.formats import load_json_set, model_set_files
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODEL = ROOT / "factors" / "data" / "tiny-short" / "model"
 
 ARGS = ["--model", str(MODEL), "--threads", "1", "--target-len", "256", "--next-target", "512"]
@@ -93,7 +93,7 @@ def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(uninterrupte
     assert _extend(out, "--ft-time-budget", "0") == 3
     assert list(json.loads((out / "extend.json").read_text())["done"]) == ["search"]
     # 2. resumed in another process and killed (SIGKILL) inside the baseline's fine-tune
-    cmd = [sys.executable, "-m", "factors.cli", "extend", *ARGS, "--out", str(out), "--resume"]
+    cmd = [sys.executable, "-m", "factors.cli.main", "extend", *ARGS, "--out", str(out), "--resume"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     ckpt = out / "checkpoints" / "finetune-yarn" / "finetune.ckpt.pt"
     deadline = time.monotonic() + 600

@@ -19,7 +19,7 @@ finished stages and continues the interrupted one where it stopped. The output f
                              serves the folder as it is
     compare-METHOD/model/    a baseline fine-tuned with the same budget (its sets in its longrope-sets/)
     checkpoints/             search and fine-tune checkpoints
-    report.json, report.md   the measurements (see factors.report)
+    report.json, report.md   the measurements (see factors.training.report)
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .baselines import make_baseline
-from .finetune import FinetuneConfig, Finetuner
-from .formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json_set
-from .schema import FactorSet, FactorSetError
-from .search import SearchConfig, SearchPlan
+from factors.baselines import make_baseline
+from factors.formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json_set
+from factors.schema import FactorSet, FactorSetError
+from factors.search.evolution import SearchConfig, SearchPlan
+from factors.training.finetune import FinetuneConfig, Finetuner
 
 logger = logging.getLogger("longrope.extend")
 
@@ -206,8 +206,8 @@ class ExtendRun:
     # -- stages ------------------------------------------------------------------------------------
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-        from .progressive import progressive, search_set, short_readjust
-        from .search import scaled_seed
+        from factors.search.evolution import scaled_seed
+        from factors.search.progressive import progressive, search_set, short_readjust
 
         plan = self.plan
         sp = replace(plan.search, checkpoint_dir=self.out / "checkpoints", resume=True)
@@ -261,7 +261,7 @@ class ExtendRun:
                 info[method] = {"last_loss": record["last_loss"], "seconds": record["seconds"]}
             self._finish("compare", t0, **info)
         if "report" in stages and "report" not in self.done:
-            from .report import write_report
+            from factors.training.report import write_report
 
             t0 = time.monotonic()
             write_report(self)
@@ -279,7 +279,7 @@ class ExtendRun:
 
     def tokens(self, model_dir: Path, text: str) -> Any:
         """A text's token ids under a model's tokenizer, tokenised once per run."""
-        from .progressive import text_tokens
+        from factors.search.progressive import text_tokens
 
         key = (model_dir, text)
         if key not in self._tokens:
@@ -287,7 +287,7 @@ class ExtendRun:
         return self._tokens[key]
 
     def _finetune(self, fs: FactorSet, folder: Path, checkpoint_dir: Path) -> dict[str, Any]:
-        from .progressive import text_tokens
+        from factors.search.progressive import text_tokens
 
         ev = self.make_evaluator(self.source)
         ft = Finetuner(

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from factors.baselines import make_baseline
-from factors.corpus import stdlib_text
+from factors.evaluation.corpus import stdlib_text
 from factors.formats import check_compatible, load_json_set, read_model_rope, save_json_set
 from factors.rope import cos_sin
-from factors.search import LongRopeSearch, SearchConfig, SearchPlan, is_valid
+from factors.search.evolution import LongRopeSearch, SearchConfig, SearchPlan, is_valid
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "factors" / "data" / "tiny-short"
 MODEL = TINY / "model"
 TARGET = 1024
@@ -29,7 +29,7 @@ TARGET = 1024
 
 @pytest.fixture(scope="module")
 def ev():
-    from factors.evaluate import Evaluator
+    from factors.evaluation.evaluator import Evaluator
 
     torch.manual_seed(0)
     return Evaluator(MODEL, threads=1)
@@ -88,7 +88,7 @@ def test_identity_set_gives_stock_hf_logits(ev, tokens):
 
 
 def test_rotary_rows_follow_n_hat_and_mscale(ev):
-    from factors.evaluate import FactorSetRotary
+    from factors.evaluation.evaluator import FactorSetRotary
 
     fs = make_baseline("pi", ev.rope.geometry, 1024).with_updates(n_hat=16, mscale=1.3)
     rot = FactorSetRotary(fs, 64, torch.device("cpu"))
@@ -151,7 +151,7 @@ def test_resume_refuses_other_settings(ev, windows, tmp_path):
 
 
 def test_progressive_chain_and_short_readjustment(ev, tokens):
-    from factors.progressive import progressive, short_readjust
+    from factors.search.progressive import progressive, short_readjust
 
     cfg = small_config(population=5, parents=3, mutations=2, crossovers=1, generations=1)
     plan = SearchPlan(long=cfg, stages=(512,), samples=1, short=cfg, short_samples=2, progress=False)
@@ -205,7 +205,7 @@ def test_shipped_searched_sets_beat_every_baseline_at_every_ratio_on_heldout_tex
 def test_cli_eval_json_records(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     sets = [TINY / "sets" / "yarn.json", TINY / "sets" / "longrope.json"]
-    cmd = [sys.executable, "-m", "factors.cli", "eval", "--model", str(MODEL), "--text", "stdlib:heldout"]
+    cmd = [sys.executable, "-m", "factors.cli.main", "eval", "--model", str(MODEL), "--text", "stdlib:heldout"]
     cmd += [a for s in sets for a in ("--set", str(s))] + ["--lengths", "128,512", "--samples", "2", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -216,7 +216,7 @@ def test_cli_eval_json_records(tmp_path):
 
 
 def test_cli_help_lists_search_commands():
-    from factors.cli import build_parser
+    from factors.cli.main import build_parser
 
     text = build_parser().format_help()
     for cmd in ("search", "eval", "passkey", "plot-ppl"):
@@ -224,7 +224,7 @@ def test_cli_help_lists_search_commands():
 
 
 def test_passkey_prompt_fits_the_length_and_hides_the_key(ev):
-    from factors.evaluate import passkey_prompt
+    from factors.evaluation.evaluator import passkey_prompt
 
     for depth in (0.0, 0.5, 1.0):
         prompt, answer = passkey_prompt(ev, 1024, depth, "12345")

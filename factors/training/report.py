@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .baselines import identity_set, make_baseline
-from .formats import read_model_rope
-from .schema import FactorSet
+from factors.baselines import identity_set, make_baseline
+from factors.formats import read_model_rope
+from factors.schema import FactorSet
 
 if TYPE_CHECKING:
-    from .extend import ExtendRun
+    from factors.training.extend import ExtendRun
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def markdown(result: dict[str, Any], text: str) -> str:
 
 
 def write_report(run: ExtendRun) -> dict[str, Any]:
-    from .plotting import plot_ppl_records
+    from factors.evaluation.plotting import plot_ppl_records
 
     rp = run.plan.report
     result = measure(run)

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .baselines import BASELINE_METHODS, make_baseline
-from .cli_args import DTYPES, add_geometry_options, geometry_from_args, int_list
-from .cli_extend import add_extend_commands
-from .cli_search import add_search_commands
-from .formats import (
+from factors.baselines import BASELINE_METHODS, make_baseline
+from factors.cli.args import DTYPES, add_geometry_options, geometry_from_args, int_list
+from factors.cli.extend import add_extend_commands
+from factors.cli.search import add_search_commands
+from factors.evaluation.plotting import save_figure
+from factors.formats import (
     atomic_write_text,
     check_compatible,
     factor_set_json,
@@ -25,10 +26,9 @@ from .formats import (
     longrope_csv,
     read_model_rope,
 )
-from .geometry import slot_bytes
-from .plotting import save_figure
-from .rope import cos_sin
-from .schema import FactorSet, FactorSetError
+from factors.geometry import slot_bytes
+from factors.rope import cos_sin
+from factors.schema import FactorSet, FactorSetError
 
 DESCRIPTION = """\
 Work with LongRoPE factor sets: the per-frequency rescale factors λ_i, the number n̂ of leading

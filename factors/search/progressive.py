@@ -2,7 +2,7 @@
 readjustment: the long and short sets the server switches between.
 
 Fitness is perplexity on fixed windows of a text (same windows for every individual of a stage). Every
-function takes the run's :class:`~factors.search.SearchPlan`; :func:`run_search` is the whole
+function takes the run's :class:`~factors.search.evolution.SearchPlan`; :func:`run_search` is the whole
 ``longrope-factors search``.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .evaluate import Evaluator
-from .schema import FactorSet, FactorSetError
-from .search import LongRopeSearch, SearchConfig, SearchPlan, scaled_seed
+from factors.evaluation.evaluator import Evaluator
+from factors.schema import FactorSet, FactorSetError
+from factors.search.evolution import LongRopeSearch, SearchConfig, SearchPlan, scaled_seed
 
 
 def ppl_fitness(
@@ -29,8 +29,8 @@ def ppl_fitness(
 
 
 def text_tokens(ev: Evaluator, spec: str) -> torch.Tensor:
-    """Token ids of the text a spec names (a file, or stdlib:SPLIT; see factors.corpus)."""
-    from .corpus import text_source
+    """Token ids of the text a spec names (a file, or stdlib:SPLIT; see factors.evaluation.corpus)."""
+    from factors.evaluation.corpus import text_source
 
     try:
         return ev.tokenize(text_source(spec))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from .formats import read_model_rope
-from .geometry import RopeGeometry
-from .schema import FactorSetError
+from factors.formats import read_model_rope
+from factors.geometry import RopeGeometry
+from factors.schema import FactorSetError
 
 DTYPES = ("float32", "bfloat16", "float16")
 

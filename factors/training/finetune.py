@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .evaluate import Evaluator
-from .formats import MODEL_SETS_DIR, save_json_set
-from .schema import FactorSet, FactorSetError
+from factors.evaluation.evaluator import Evaluator
+from factors.formats import MODEL_SETS_DIR, save_json_set
+from factors.schema import FactorSet, FactorSetError
 
 CHECKPOINT_NAME = "finetune.ckpt.pt"
 RECORD_NAME = "finetune.json"

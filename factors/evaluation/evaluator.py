@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .baselines import make_baseline
-from .formats import ModelRope, check_compatible, read_model_rope
-from .rope import cos_sin
-from .schema import FactorSet, FactorSetError
+from factors.baselines import make_baseline
+from factors.formats import ModelRope, check_compatible, read_model_rope
+from factors.rope import cos_sin
+from factors.schema import FactorSet, FactorSetError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +97,7 @@ class Evaluator:
 
     def _load_tokenizer(self) -> Any:
         if self.model.config.vocab_size == 256:
-            # byte-level model: token = UTF-8 byte (its tokenizer files, if any, are factors.byte_tokenizer's,
+            # byte-level model: token = UTF-8 byte (its tokenizer files, if any, are factors.fixtures.byte_tokenizer's,
             # which give the same ids; bytes are read directly, without tokenising megabytes of text in Python)
             return None
         if (self.model_dir / "tokenizer.json").exists() or (self.model_dir / "tokenizer_config.json").exists():

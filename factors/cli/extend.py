@@ -11,17 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .baselines import BASELINE_METHODS
-from .cli_args import DefaultsHelpFormatter, add_model_options, int_list, name_list
-from .cli_search import add_search_budget_options, add_short_budget_options, search_plan
-from .formats import load_any
-from .schema import FactorSetError
+from factors.baselines import BASELINE_METHODS
+from factors.cli.args import DefaultsHelpFormatter, add_model_options, int_list, name_list
+from factors.cli.search import add_search_budget_options, add_short_budget_options, search_plan
+from factors.formats import load_any
+from factors.schema import FactorSetError
 
 
 def _evaluator_factory(args: argparse.Namespace) -> Any:
     import torch
 
-    from .evaluate import Evaluator
+    from factors.evaluation.evaluator import Evaluator
 
     if args.device == "cpu":
         torch.use_deterministic_algorithms(True)  # a resumed fine-tune equals the uninterrupted one
@@ -53,7 +53,7 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         f"--{prefix}text",
         default="stdlib:train",
         help="training text: a UTF-8 file, or stdlib:train / stdlib:search / stdlib:heldout (the Python standard"
-        " library's source split by file; see factors.corpus)",
+        " library's source split by file; see factors.evaluation.corpus)",
     )
     g.add_argument(f"--{prefix}checkpoint-every", type=int, default=25, help="write a checkpoint every N steps")
     g.add_argument(
@@ -69,7 +69,7 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "") -> Any:
-    from .finetune import FinetuneConfig
+    from factors.training.finetune import FinetuneConfig
 
     def get(name: str) -> Any:
         return getattr(args, (prefix + name).replace("-", "_"))
@@ -99,8 +99,8 @@ def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import Finetuner
-    from .progressive import text_tokens
+    from factors.search.progressive import text_tokens
+    from factors.training.finetune import Finetuner
 
     sets = load_any(args.set)
     if len(sets) != 1:
@@ -133,7 +133,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    from .extend import STAGES, ExtendPlan, ExtendRun, ReportPlan, StageInterrupted
+    from factors.training.extend import STAGES, ExtendPlan, ExtendRun, ReportPlan, StageInterrupted
 
     sp = search_plan(args)
     try:

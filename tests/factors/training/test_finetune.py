@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from factors.cli import main
-from factors.finetune import FinetuneConfig, Finetuner, step_windows
+from factors.cli.main import main
 from factors.formats import MODEL_SETS_DIR, load_json_set, model_set_files
 from factors.schema import FactorSetError
+from factors.training.finetune import FinetuneConfig, Finetuner, step_windows
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODEL = ROOT / "factors" / "data" / "tiny-short" / "model"
 SET = ROOT / "factors" / "data" / "tiny-short" / "sets" / "longrope-256.json"
 CONFIG = FinetuneConfig(
@@ -24,8 +24,8 @@ CONFIG = FinetuneConfig(
 
 
 def _finetuner(tmp: Path, config: FinetuneConfig = CONFIG) -> Finetuner:
-    from factors.evaluate import Evaluator
-    from factors.progressive import text_tokens
+    from factors.evaluation.evaluator import Evaluator
+    from factors.search.progressive import text_tokens
 
     torch.use_deterministic_algorithms(True)
     ev = Evaluator(MODEL, threads=1)

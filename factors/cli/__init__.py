@@ -1,0 +1,1 @@
+"""``longrope-factors``: the command line of the factor tools."""

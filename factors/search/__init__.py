@@ -1,0 +1,1 @@
+"""LongRoPE's factor search: the evolutionary search and its progressive chain."""
