@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Any
 
+from server.protocol import ROUTINGS
+
 from .client import (
     DEFAULT_URL,
     AdminClient,
@@ -14,6 +16,7 @@ from .client import (
     ServerUnavailable,
     dumps,
     factor_set_of,
+    named_set,
     openai_client,
     stats,
 )
@@ -24,8 +27,11 @@ environment: LONGROPE_URL (default http://127.0.0.1:8000), LONGROPE_ADMIN_TOKEN 
 examples:
   longrope-client chat "Summarise LongRoPE in one line" --max-tokens 64
   longrope-client complete "Once upon a time" --max-tokens 32
+  longrope-client complete "Once upon a time" --max-tokens 32 --factor-set long-64k-b
   longrope-client factors list
   longrope-client factors load long-64k.json
+  longrope-client factors load long-64k-b.json --routing explicit   # only requests naming it get it
+  longrope-client factors routing long-64k-b auto                   # promote it (explicit: demote)
   longrope-client factors load 8k.csv --name long-64k --max-len 65536
   longrope-client factors rollback long-64k
   longrope-client factors retire long-64k
@@ -51,6 +57,8 @@ def _stream(args: argparse.Namespace, chat: bool) -> int:
             "temperature": args.temperature,
             "stream": True,
         }
+        if args.factor_set:
+            kwargs["extra_body"] = named_set(args.factor_set)
         if chat:
             api = client.chat.completions.with_streaming_response.create
             kwargs["messages"] = [{"role": "user", "content": args.prompt}]
@@ -95,23 +103,29 @@ def cmd_factors(args: argparse.Namespace) -> int:
                 print(dumps(sets))
                 return 0
             print(
-                f"{'set':<24} {'window':>9} {'n̂':>4} {'mscale':>8} {'λ min…max':>16} {'served':>7} {'in flight':>9}  provenance"
+                f"{'set':<24} {'window':>9} {'routing':>8} {'n̂':>4} {'mscale':>8} {'λ min…max':>16} {'served':>7}"
+                f" {'in flight':>9}  provenance"
             )
             for s in sets:
                 lam = f"{s.factors.min:.3g}…{s.factors.max:.3g}"
                 print(
-                    f"{s.label:<24} {s.max_len:>9} {s.n_hat:>4} {s.mscale:>8.4f} {lam:>16} {s.requests_served:>7} {s.in_flight:>9}  {s.provenance.get('method')}"
+                    f"{s.label:<24} {s.max_len:>9} {s.routing:>8} {s.n_hat:>4} {s.mscale:>8.4f} {lam:>16}"
+                    f" {s.requests_served:>7} {s.in_flight:>9}  {s.provenance.get('method')}"
                 )
             return 0
         if args.action == "load":
             if args.file.lower().endswith(".csv"):
                 if args.name is None or args.max_len is None:
                     raise LongRopeError(2, "loading a CSV needs --name and --max-len (the CSV holds only λ_i)")
-                loaded = [admin.load_csv(args.file, args.name, args.max_len, args.n_hat, args.mscale)]
+                loaded = [admin.load_csv(args.file, args.name, args.max_len, args.n_hat, args.mscale, args.routing)]
             else:
-                loaded = admin.load(args.file, monotone=args.monotone)
+                loaded = admin.load(args.file, monotone=args.monotone, routing=args.routing)
             for s in loaded:
-                print(f"loaded {s.label} (window {s.max_len})")
+                print(f"loaded {s.label} (window {s.max_len}), routing {s.routing}")
+            return 0
+        if args.action == "routing":
+            s = admin.set_routing(args.name, args.routing)
+            print(f"{s.label} routing {s.routing}")
             return 0
         if args.action == "rollback":
             s = admin.rollback(args.name)
@@ -165,8 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--model", help="model name (default: the server's first)")
         c.add_argument("--max-tokens", type=int, default=128)
         c.add_argument("--temperature", type=float, default=0.0)
+        c.add_argument(
+            "--factor-set",
+            metavar="NAME",
+            help="run on this live set, pinned (an explicit set too); default: automatic",
+        )
         c.set_defaults(func=func)
-    f = sub.add_parser("factors", help="list | load | rollback | retire factor sets (admin API)")
+    f = sub.add_parser("factors", help="list | load | routing | rollback | retire factor sets (admin API)")
     fsub = f.add_subparsers(dest="action", required=True, metavar="ACTION")
     lst = fsub.add_parser("list", help="live sets with version, window, n̂, mscale, λ range, traffic")
     lst.add_argument("--json", action="store_true")
@@ -177,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--n-hat", type=int, default=0, help="n̂ (CSV only)")
     load.add_argument("--mscale", type=float, help="mscale (CSV only; default LongRoPE's formula)")
     load.add_argument("--monotone", choices=["warn", "reject", "ignore"], default="warn", help="non-monotone λ policy")
+    load.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        help="explicit: only requests naming the set get it (A/B it before it takes traffic); default: auto for a"
+        " new name, an existing name keeps its routing",
+    )
+    rt = fsub.add_parser("routing", help="promote a set to automatic routing (auto) or demote it (explicit)")
+    rt.add_argument("name")
+    rt.add_argument("routing", choices=ROUTINGS)
     for action, helptext in (("rollback", "make the previous version live again"), ("retire", "stop serving a set")):
         a = fsub.add_parser(action, help=helptext)
         a.add_argument("name")

@@ -13,9 +13,18 @@ import httpx
 from factors.formats import factor_set_json
 from factors.schema import FactorSet
 from server.protocol import FACTOR_SET_HEADER as HEADER
-from server.protocol import LambdaSummary, SetSummary
+from server.protocol import FACTOR_SET_XARG, ROUTING_PARAM, LambdaSummary, Routing, SetSummary
 
-__all__ = ["AdminClient", "AsyncAdminClient", "LambdaSummary", "LongRopeError", "SetSummary", "ServerUnavailable"]
+__all__ = [
+    "AdminClient",
+    "AsyncAdminClient",
+    "LambdaSummary",
+    "LongRopeError",
+    "Routing",
+    "SetSummary",
+    "ServerUnavailable",
+    "named_set",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -69,6 +78,19 @@ def _csv_request(
     return {"files": {"file": (p.name, p.read_bytes(), "text/csv")}, "data": data}
 
 
+def _load_params(routing: Routing | None, monotone: str | None = None) -> dict[str, str]:
+    """Query parameters of a load: ``routing`` None leaves it to the server (auto for a new name, an existing
+    name keeps its own)."""
+    params = {"monotone": monotone} if monotone is not None else {}
+    return {**params, ROUTING_PARAM: routing} if routing is not None else params
+
+
+def named_set(name: str) -> dict[str, Any]:
+    """The OpenAI SDK's ``extra_body`` that runs a request on the set ``name``, pinned to it (an ``explicit``
+    set too): ``client.completions.create(..., extra_body=named_set("long-64k"))``."""
+    return {"vllm_xargs": {FACTOR_SET_XARG: name}}
+
+
 class AdminClient:
     """Synchronous admin client: ``AdminClient(url, token).list()`` etc."""
 
@@ -87,16 +109,36 @@ class AdminClient:
     def list(self) -> list[SetSummary]:
         return [SetSummary.model_validate(s) for s in self._call("GET", "/admin/factors")["data"]]
 
-    def load(self, item: FactorSet | dict[str, Any] | str | Path, monotone: str = "warn") -> list[SetSummary]:
-        """Load a set (or an HF config's two sets); returns what became live."""
-        body = self._call("POST", "/admin/factors", params={"monotone": monotone}, **_load_request(item))
+    def get(self, name: str) -> SetSummary:
+        """One live set, as listed (LongRopeError 404 when no live set has that name)."""
+        return SetSummary.model_validate(self._call("GET", f"/admin/factors/{name}"))
+
+    def load(
+        self, item: FactorSet | dict[str, Any] | str | Path, monotone: str = "warn", routing: Routing | None = None
+    ) -> list[SetSummary]:
+        """Load a set (or an HF config's two sets); returns what became live. ``routing="explicit"``: only
+        requests naming the set get it, until :meth:`set_routing` promotes it."""
+        body = self._call("POST", "/admin/factors", params=_load_params(routing, monotone), **_load_request(item))
         return [SetSummary.model_validate(s) for s in body["data"]]
 
     def load_csv(
-        self, path: str | Path, name: str, max_len: int, n_hat: int = 0, mscale: float | None = None
+        self,
+        path: str | Path,
+        name: str,
+        max_len: int,
+        n_hat: int = 0,
+        mscale: float | None = None,
+        routing: Routing | None = None,
     ) -> SetSummary:
-        body = self._call("POST", "/admin/factors", **_csv_request(path, name, max_len, n_hat, mscale))
+        kw = _csv_request(path, name, max_len, n_hat, mscale)
+        body = self._call("POST", "/admin/factors", params=_load_params(routing), **kw)
         return SetSummary.model_validate(body["data"][0])
+
+    def set_routing(self, name: str, routing: Routing) -> SetSummary:
+        """Promote (``"auto"``) or demote (``"explicit"``) a live set."""
+        return SetSummary.model_validate(
+            self._call("POST", f"/admin/factors/{name}/routing", json={ROUTING_PARAM: routing})
+        )
 
     def rollback(self, name: str) -> SetSummary:
         return SetSummary.model_validate(self._call("POST", f"/admin/factors/{name}/rollback"))
@@ -132,15 +174,32 @@ class AsyncAdminClient:
     async def list(self) -> list[SetSummary]:
         return [SetSummary.model_validate(s) for s in (await self._call("GET", "/admin/factors"))["data"]]
 
-    async def load(self, item: FactorSet | dict[str, Any] | str | Path, monotone: str = "warn") -> list[SetSummary]:
-        body = await self._call("POST", "/admin/factors", params={"monotone": monotone}, **_load_request(item))
+    async def get(self, name: str) -> SetSummary:
+        return SetSummary.model_validate(await self._call("GET", f"/admin/factors/{name}"))
+
+    async def load(
+        self, item: FactorSet | dict[str, Any] | str | Path, monotone: str = "warn", routing: Routing | None = None
+    ) -> list[SetSummary]:
+        params = _load_params(routing, monotone)
+        body = await self._call("POST", "/admin/factors", params=params, **_load_request(item))
         return [SetSummary.model_validate(s) for s in body["data"]]
 
     async def load_csv(
-        self, path: str | Path, name: str, max_len: int, n_hat: int = 0, mscale: float | None = None
+        self,
+        path: str | Path,
+        name: str,
+        max_len: int,
+        n_hat: int = 0,
+        mscale: float | None = None,
+        routing: Routing | None = None,
     ) -> SetSummary:
-        body = await self._call("POST", "/admin/factors", **_csv_request(path, name, max_len, n_hat, mscale))
+        kw = _csv_request(path, name, max_len, n_hat, mscale)
+        body = await self._call("POST", "/admin/factors", params=_load_params(routing), **kw)
         return SetSummary.model_validate(body["data"][0])
+
+    async def set_routing(self, name: str, routing: Routing) -> SetSummary:
+        body = await self._call("POST", f"/admin/factors/{name}/routing", json={ROUTING_PARAM: routing})
+        return SetSummary.model_validate(body)
 
     async def rollback(self, name: str) -> SetSummary:
         return SetSummary.model_validate(await self._call("POST", f"/admin/factors/{name}/rollback"))

@@ -1,15 +1,19 @@
-"""Admin API: list, load (hot), roll back and retire factor sets. Bearer-token protected; off without a token.
+"""Admin API: list, load (hot), roll back, retire, promote and demote factor sets. Bearer-token protected;
+off without a token.
 
-    GET    /admin/factors                    live sets with version, window, λ summary, n̂, mscale, provenance, traffic;
-                                             the workers' RoPE memory (whatever the windows and versions)
-    POST   /admin/factors                    load: a factor-set JSON, an HF config with a longrope block, or a
-                                             multipart LongRoPE CSV (file) with name, max_len[, n_hat, mscale]
+    GET    /admin/factors                    live sets with version, window, λ summary, n̂, mscale, provenance, traffic,
+                                             routing; the workers' RoPE memory (whatever the windows and versions)
+    GET    /admin/factors/{name}             one live set, as listed
+    POST   /admin/factors[?routing=explicit] load: a factor-set JSON, an HF config with a longrope block, or a
+                                             multipart LongRoPE CSV (file) with name, max_len[, n_hat, mscale];
+                                             ``explicit``: only requests naming the set get it
     POST   /admin/factors/{name}/rollback    make the previous version live again
+    POST   /admin/factors/{name}/routing     {"routing": "auto"} promotes a set, {"routing": "explicit"} demotes it
     DELETE /admin/factors/{name}             retire a set (not the only one reaching its window)
 
 Every error is OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``.
 
-Length (≈335 lines): four routes and the three request formats a load accepts (JSON, HF config,
+Length (≈425 lines): six routes and the three request formats a load accepts (JSON, HF config,
 multipart CSV), with their OpenAI-shaped errors; the parsing of each format belongs to its route.
 """
 
@@ -29,8 +33,20 @@ from factors.formats import MAX_FILE_BYTES, csv_factor_set, sets_from_hf_config
 from factors.geometry import slot_bytes
 from factors.schema import FactorSet, FactorSetError, parse_factor_set
 
-from .catalogue import SetCatalogue, UnknownSetError, WorkerSetError
-from .protocol import ADMIN_PREFIX, ErrorResponse, LoadResult, RetireResult, SetListing, SetSummary
+from .catalogue import RoutingRefused, SetCatalogue, UnknownSetError, WorkerSetError
+from .policy import check_routing
+from .protocol import (
+    ADMIN_PREFIX,
+    ROUTING_PARAM,
+    ROUTINGS,
+    ErrorResponse,
+    LoadResult,
+    RetireResult,
+    Routing,
+    RoutingChange,
+    SetListing,
+    SetSummary,
+)
 
 logger = logging.getLogger("longrope.admin")
 
@@ -93,9 +109,21 @@ LOAD_BODY: dict[str, Any] = {
             "in": "query",
             "required": False,
             "schema": {"type": "string", "enum": ["warn", "reject", "ignore"], "default": "warn"},
-        }
+        },
+        {
+            "name": ROUTING_PARAM,
+            "in": "query",
+            "required": False,
+            "description": "explicit: automatic routing never picks the set, only requests naming it get it"
+            " (default: auto for a new name, an existing name keeps its routing)",
+            "schema": {"type": "string", "enum": list(ROUTINGS)},
+        },
     ],
 }
+ROUTING_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": RoutingChange.model_json_schema()}}}
+}
+MAX_ROUTING_BODY = 4096  # bytes; the body is {"routing": "explicit"}
 
 
 def openai_error(
@@ -112,6 +140,7 @@ def set_summary(engine: SetCatalogue, fs: FactorSet) -> dict[str, Any]:
         "versions": sorted(engine.history.get(fs.name, {})),
         "requests_served": engine.served.get(fs.label, 0),
         "in_flight": engine.in_flight.get(fs.label, 0),
+        "routing": engine.table.routing(fs.name),
     }
 
 
@@ -151,6 +180,7 @@ def build_admin_router(engine: SetCatalogue, token: str | None, off_message: str
         response_model=LoadResult,
     )
     async def load_sets(request: Request) -> dict[str, Any]:
+        routing = _routing_query(request)
         sets = await _sets_from_request(engine, request)
         for fs in sets:  # validate every set before loading any
             if fs.version is not None and fs.version > MAX_VERSION:
@@ -161,10 +191,26 @@ def build_admin_router(engine: SetCatalogue, token: str | None, off_message: str
                     param="version",
                 )
             _checked(engine.validate_new_set, fs)
+        _checked(engine.check_load_routing, sets, routing)
         loaded = []
         for fs in sets:
-            loaded.append(await _checked_async(engine.load_set, fs))
+            loaded.append(await _checked_async(engine.load_set, fs, routing))
         return {"object": "list", "data": [set_summary(engine, fs) for fs in loaded]}
+
+    @router.get("/factors/{name}", dependencies=[Depends(require_admin)], response_model=SetSummary)
+    async def show(name: str) -> dict[str, Any]:
+        return set_summary(engine, _checked(engine.live_set, name))
+
+    @router.post(
+        "/factors/{name}/routing",
+        dependencies=[Depends(require_admin)],
+        openapi_extra=ROUTING_BODY,
+        response_model=SetSummary,
+    )
+    async def routing(name: str, request: Request) -> dict[str, Any]:
+        wanted = await _routing_body(request)
+        fs = await _checked_async(engine.set_routing, name, wanted)
+        return set_summary(engine, fs)
 
     @router.post("/factors/{name}/rollback", dependencies=[Depends(require_admin)], response_model=SetSummary)
     async def rollback(name: str) -> dict[str, Any]:
@@ -182,6 +228,10 @@ def build_admin_router(engine: SetCatalogue, token: str | None, off_message: str
 def _checked(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
+    except UnknownSetError as err:
+        raise AdminError(404, str(err), "not_found") from None
+    except RoutingRefused as err:
+        raise AdminError(400, str(err), "invalid_routing") from None
     except FactorSetError as err:
         raise AdminError(400, str(err), "invalid_factor_set") from None
 
@@ -191,10 +241,49 @@ async def _checked_async(fn: Any, *args: Any) -> Any:
         return await fn(*args)
     except UnknownSetError as err:
         raise AdminError(404, str(err), "not_found") from None
+    except RoutingRefused as err:
+        raise AdminError(400, str(err), "invalid_routing") from None
     except FactorSetError as err:
         raise AdminError(400, str(err), "invalid_factor_set") from None
     except WorkerSetError as err:
         raise AdminError(500, str(err), "worker_error") from None
+
+
+def _routing_query(request: Request) -> Routing | None:
+    """A load's ``?routing=`` (None when absent), checked before anything is read or changed."""
+    value = request.query_params.get(ROUTING_PARAM)
+    if value is None:
+        return None
+    try:
+        return check_routing(value)
+    except ValueError as err:
+        raise AdminError(400, str(err), param=ROUTING_PARAM) from None
+
+
+async def _routing_body(request: Request) -> Routing:
+    """The body of a routing change: exactly ``{"routing": "auto" | "explicit"}``."""
+    expected = 'send {"routing": "auto"} to promote the set or {"routing": "explicit"} to demote it'
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_ROUTING_BODY:
+        raise AdminError(
+            413, f"body of {declared} bytes is larger than {MAX_ROUTING_BODY} bytes; {expected}", param="body"
+        )
+    raw = await request.body()
+    if len(raw) > MAX_ROUTING_BODY:
+        raise AdminError(413, f"body is larger than {MAX_ROUTING_BODY} bytes; {expected}", param="body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AdminError(400, f"body is not valid JSON; {expected}", param="body") from None
+    if not isinstance(data, dict) or set(data) != {ROUTING_PARAM}:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise AdminError(
+            400, f"body must be an object with exactly the field routing, got {keys}; {expected}", param="body"
+        )
+    try:
+        return check_routing(data[ROUTING_PARAM])
+    except ValueError as err:
+        raise AdminError(400, str(err), param=ROUTING_PARAM) from None
 
 
 async def _read_body(request: Request) -> bytes:

@@ -10,6 +10,10 @@ A request is admitted exactly once:
   (:meth:`Admission.claim`); only a request given to the engine directly (no HTTP scope, or a prompt the
   scope never saw) is admitted there.
 
+Which set: the one a request names (``vllm_xargs: {"longrope_factor_set": NAME}``), pinned, whatever its
+routing (:meth:`server.policy.AdmissionPolicy.assign_named`); otherwise automatic routing over the ``auto``
+sets.
+
 Whatever was admitted but never reached the engine (a later validation refused it) is ended when the HTTP
 request's scope closes, so no version stays counted by a request that does not exist.
 """
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .policy import AdmissionPolicy, Assignment, RequestTooLong, check_policy
+from .protocol import FACTOR_SET_XARG
 from .vllm_ext import POLICY_KEY
 
 if TYPE_CHECKING:
@@ -60,19 +65,36 @@ class Admission:
         self.catalogue = catalogue
         self.policy = policy
 
-    def assign(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
-        """The set a request would get now (nothing is counted). ValueError: too long, or a bad policy."""
+    def assign(
+        self,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        policy: str | None = None,
+        n: int = 1,
+        factor_set: object = None,
+    ) -> Assignment:
+        """The set a request would get now (nothing is counted): the one it names (``factor_set``, pinned), else
+        automatic routing's. ValueError: too long, an unknown set, or a bad policy."""
+        if factor_set is not None:
+            return self.policy.assign_named(self.catalogue.table, factor_set, prompt_tokens, max_tokens, policy)
         policy = check_policy(policy) if policy is not None else self.policy.default_policy
         if n > 1 and policy == "upgrade":
             # Several choices would outgrow the window at different tokens; admit them on the budget instead.
             policy = "reserve"
         return self.policy.assign(self.catalogue.table, prompt_tokens, max_tokens, policy)
 
-    def admit(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
+    def admit(
+        self,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        policy: str | None = None,
+        n: int = 1,
+        factor_set: object = None,
+    ) -> Assignment:
         """Assign a set and count the request on its version from this moment on, so the version cannot be
         dropped from the workers before the request reaches the engine."""
         try:
-            assignment = self.assign(prompt_tokens, max_tokens, policy, n)
+            assignment = self.assign(prompt_tokens, max_tokens, policy, n, factor_set)
         except RequestTooLong:
             metrics.REJECTIONS.labels("too_long").inc()
             raise
@@ -86,13 +108,19 @@ class Admission:
 
     # -- over HTTP
     def admit_prompts(
-        self, prompts: Sequence[Sequence[int]], max_tokens: int | None, policy: str | None, n: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int | None,
+        policy: str | None,
+        n: int,
+        factor_set: object = None,
     ) -> None:
         """Admit every tokenised prompt of the HTTP request being handled (ValueError when one cannot be;
-        the admissions made before it are ended with the request's scope)."""
+        the admissions made before it are ended with the request's scope). ``factor_set``: the set the
+        request names (``vllm_xargs``), None for automatic routing."""
         scope = _current.get()
         for ids in prompts:
-            assignment = self.admit(len(ids), max_tokens, policy, n)
+            assignment = self.admit(len(ids), max_tokens, policy, n, factor_set)
             if scope is not None:
                 scope.admitted.append(assignment)
                 scope.unclaimed.append((ids, assignment))
@@ -121,8 +149,9 @@ class Admission:
         assignment = scope.take(prompt_ids) if scope is not None else None
         if assignment is None:
             asked = sampling_params.max_tokens if requested_max_tokens == "from-params" else requested_max_tokens
-            policy = (sampling_params.extra_args or {}).get(POLICY_KEY)
+            extra = sampling_params.extra_args or {}
             n = getattr(sampling_params, "n", 1) or 1
-            assignment = self.admit(len(prompt_ids), asked, policy, n)  # raises before anything runs
+            # raises before anything runs
+            assignment = self.admit(len(prompt_ids), asked, extra.get(POLICY_KEY), n, extra.get(FACTOR_SET_XARG))
         assignment.started = True
         return assignment

@@ -7,7 +7,7 @@ as ``response_model``, so ``/openapi.json`` documents the real shapes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,6 +19,12 @@ UPGRADES_FIELD = "longrope_upgrades"
 
 # -- per-request options, sent as OpenAI's ``vllm_xargs`` (= vLLM's SamplingParams.extra_args)
 POLICY_XARG = "longrope_policy"  # upgrade | reserve | pin
+FACTOR_SET_XARG = "longrope_factor_set"  # NAME: run on that live set, pinned (the response names it back)
+
+# -- routing: which sets automatic admission may pick ("auto") and which only requests naming them get
+Routing = Literal["auto", "explicit"]
+ROUTINGS: tuple[str, ...] = get_args(Routing)
+ROUTING_PARAM = "routing"  # query parameter of a load, body field of POST /admin/factors/{name}/routing
 
 ADMIN_PREFIX = "/admin"
 
@@ -53,6 +59,7 @@ class SetSummary(BaseModel):
     versions: list[int]
     requests_served: int
     in_flight: int
+    routing: Routing = "auto"  # explicit: only requests naming the set get it
 
 
 class RopeStatus(BaseModel):
@@ -74,6 +81,14 @@ class SetListing(BaseModel):
 class LoadResult(BaseModel):
     object: Literal["list"] = "list"
     data: list[SetSummary]
+
+
+class RoutingChange(BaseModel):
+    """Body of ``POST /admin/factors/{name}/routing``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    routing: Routing
 
 
 class RetireResult(BaseModel):

@@ -3,7 +3,11 @@
 Layout (all writes atomic: temp file + fsync + rename + fsync of the folder)::
 
     REGISTRY/sets/NAME/VERSION.json   one immutable file per version (FactorSet JSON with its version)
-    REGISTRY/live.json                {"live": {"NAME": VERSION, ...}, "retired": ["NAME", ...]}
+    REGISTRY/live.json                {"live": {"NAME": VERSION, ...}, "retired": ["NAME", ...],
+                                       "explicit": ["NAME", ...]}
+
+``explicit`` lists the live names automatic routing never picks (only requests naming them get them); a
+name not listed is ``auto``. A ``live.json`` written before routing existed has no ``explicit``: all auto.
 
 A crash between the two writes leaves an extra version file that ``live.json`` does not point at, which
 is harmless: the registry restores exactly the last ``live.json`` that was completely written. A crash
@@ -42,6 +46,7 @@ LOCK_FILE = ".lock"
 class RegistryState:
     live: dict[str, int] = field(default_factory=dict)
     retired: list[str] = field(default_factory=list)
+    explicit: list[str] = field(default_factory=list)  # live names with routing "explicit"
 
 
 class Registry:
@@ -71,13 +76,14 @@ class Registry:
             data = json.loads(path.read_text(encoding="utf-8"))
             live = {str(k): int(v) for k, v in data.get("live", {}).items()}
             retired = [str(n) for n in data.get("retired", [])]
+            explicit = [str(n) for n in data.get("explicit", [])]
         except (ValueError, TypeError, AttributeError, RecursionError, OSError) as err:
             raise FactorSetError(f"registry pointer {path} is unreadable ({err})") from None
         bad = [f"{n}@{v}" for n, v in live.items() if not re.match(NAME_PATTERN, n) or v < 1]
-        bad += [n for n in retired if not re.match(NAME_PATTERN, n)]
+        bad += [n for n in retired + explicit if not re.match(NAME_PATTERN, n)]
         if bad:
             raise FactorSetError(f"registry pointer {path} names invalid sets or versions: {bad}")
-        return RegistryState(live, retired)
+        return RegistryState(live, retired, explicit)
 
     def _state_or_fresh(self) -> RegistryState:
         """The live pointer at start; a damaged one is kept aside (never overwritten) and logged loudly."""
@@ -159,8 +165,17 @@ class Registry:
                 fs = fs.with_updates(version=version)
                 self.save_version(fs)
             out[fs.name] = fs
+        explicit = [n for n in state.explicit if n in out]
+        if out and set(explicit) >= set(out):
+            raise FactorSetError(
+                f"the registry {self.root} leaves no set for automatic routing: every live set ({', '.join(out)})"
+                f" is explicit; remove one name from 'explicit' in {self.root / LIVE_FILE}, or start with"
+                " --factors naming a new set"
+            )
         self.write_state(
-            RegistryState({n: fs.version or 1 for n, fs in out.items()}, [r for r in state.retired if r not in out])
+            RegistryState(
+                {n: fs.version or 1 for n, fs in out.items()}, [r for r in state.retired if r not in out], explicit
+            )
         )
         return list(out.values())
 
@@ -202,8 +217,10 @@ class Registry:
         return path
 
     def write_state(self, state: RegistryState) -> None:
-        text = (
-            json.dumps({"live": dict(sorted(state.live.items())), "retired": sorted(set(state.retired))}, indent=2)
-            + "\n"
-        )
+        body = {
+            "live": dict(sorted(state.live.items())),
+            "retired": sorted(set(state.retired)),
+            "explicit": sorted({n for n in state.explicit if n in state.live}),
+        }
+        text = json.dumps(body, indent=2) + "\n"
         atomic_write_text(self.root / LIVE_FILE, text)

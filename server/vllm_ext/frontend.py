@@ -1,4 +1,4 @@
-"""longrope-serve's hooks into vLLM's OpenAI server (vLLM 0.32 names): argument parser, app, launcher, and
+"""longrope-serve's hooks into vLLM's OpenAI server (vLLM 0.32 and 0.33 names): argument parser, app, launcher, and
 admission inside the completion and chat serving classes.
 
 The admission hook wraps the serving objects' ``render_*_request`` methods: once vLLM has tokenised a
@@ -14,6 +14,7 @@ from dataclasses import fields
 from http import HTTPStatus
 from typing import Any
 
+from ..protocol import FACTOR_SET_XARG
 from .keys import POLICY_KEY
 
 
@@ -25,7 +26,7 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     """Every vLLM engine and server option, parsed by vLLM's own parser."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from .compat import make_arg_parser  # its module moved in vLLM 0.33
 
     make_arg_parser(parser)
 
@@ -74,7 +75,13 @@ def policy_of(request: Any) -> str | None:
     return xargs.get(POLICY_KEY)
 
 
-AdmitPromptsFn = Callable[[list[Any], "int | None", "str | None", int], None]
+def set_name_of(request: Any) -> Any:
+    """The set the request names, ``vllm_xargs: {"longrope_factor_set": NAME}`` (None: automatic routing)."""
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    return xargs.get(FACTOR_SET_XARG)
+
+
+AdmitPromptsFn = Callable[[list[Any], "int | None", "str | None", int, Any], None]
 
 
 def _wrap_render(admit_prompts: AdmitPromptsFn, serving: Any, method: str, inputs_of: Any, requested_of: Any) -> None:
@@ -87,10 +94,14 @@ def _wrap_render(admit_prompts: AdmitPromptsFn, serving: Any, method: str, input
             return result
         prompts = [ei["prompt_token_ids"] for ei in engine_inputs if isinstance(ei, dict) and "prompt_token_ids" in ei]
         try:
-            admit_prompts(prompts, requested_of(request), policy_of(request), getattr(request, "n", 1) or 1)
-        except ValueError as err:  # RequestTooLong or a bad per-request policy
+            n = getattr(request, "n", 1) or 1
+            admit_prompts(prompts, requested_of(request), policy_of(request), n, set_name_of(request))
+        except ValueError as err:  # RequestTooLong, an unknown named set or a bad per-request policy
             return serving.create_error_response(
-                str(err), err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
+                str(err),
+                err_type="BadRequestError",
+                status_code=HTTPStatus.BAD_REQUEST,
+                param=getattr(err, "param", None),
             )
         return result
 
@@ -99,7 +110,7 @@ def _wrap_render(admit_prompts: AdmitPromptsFn, serving: Any, method: str, input
 
 def install_admission(state: Any, admit_prompts: AdmitPromptsFn) -> None:
     """Admission around the completion and chat serving objects' render methods: ``admit_prompts(token id
-    lists, max_tokens, policy, n)`` admits the request's tokenised prompts or raises ValueError, which is
+    lists, max_tokens, policy, n, named set)`` admits the request's tokenised prompts or raises ValueError, which is
     answered with OpenAI's 400 before any response header is sent."""
     completion = getattr(state, "openai_serving_completion", None)
     if completion is not None:

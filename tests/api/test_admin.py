@@ -1,5 +1,6 @@
 """Admin API end to end on a running server: auth, load → use → rollback → retire, rejected loads leave
-everything unchanged, the registry survives a restart, and /metrics moves with traffic."""
+everything unchanged, the registry (with each set's routing) survives a restart, and /metrics moves with
+traffic. Named sets and routing changes: test_named_sets.py."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def test_listing(server: str) -> None:
     assert set(by_name) >= {"original", "mid", "nhat"} and r["max_model_len"] == 2048
     nhat = by_name["nhat"]
     assert nhat["max_len"] == 2048 and nhat["n_hat"] == 4 and nhat["mscale"] == 1.25 and nhat["factors"]["count"] == 32
+    assert all(by_name[n]["routing"] == "auto" for n in ("original", "mid", "nhat"))  # start-up sets: auto
 
 
 BAD_LOADS = [
@@ -148,7 +150,7 @@ def test_load_use_rollback_retire_and_metrics(running: RunningServer) -> None:
     r = httpx.post(f"{base}/admin/factors/original/rollback", headers=AUTH, timeout=30)
     assert r.status_code == 400 and "no earlier version" in r.json()["error"]["message"]
     r = httpx.delete(f"{base}/admin/factors/nhat", headers=AUTH, timeout=30)
-    assert r.status_code == 400 and "only set serving 1025–2048 tokens" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "no set for automatic routing of 1025–2048 tokens" in r.json()["error"]["message"]
     r = httpx.delete(f"{base}/admin/factors/nosuch", headers=AUTH, timeout=30)
     assert r.status_code == 404
     after = metric_samples(base, "longrope_prompt_tokens_count")
@@ -186,16 +188,43 @@ def test_csv_upload_and_retire(running: RunningServer) -> None:
     assert not served_by(base, 270, 8).startswith("csvset@")
 
 
+def routes(base: str) -> list[tuple[str, str]]:
+    r = httpx.get(f"{base}/admin/factors", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return [(s["label"], s["routing"]) for s in r.json()["data"]]
+
+
 def test_restart_restores_registry(running: RunningServer, tiny_llama: Path, set_files: Path, tmp_path: Path) -> None:
-    """A second server started on a copy of the registry serves the same live versions."""
+    """A second server started on a copy of the registry serves the same live versions, with their routing:
+    a set loaded for explicit use only is still explicit there (automatic routing does not pick it)."""
     import shutil
 
-    expected = live(running.base)
-    copy = tmp_path / "registry"
-    shutil.copytree(running.registry, copy)
+    r = httpx.post(
+        f"{running.base}/admin/factors?routing=explicit", json=extra_set(name="parked", max_len=300), headers=AUTH
+    )
+    assert r.status_code == 201, r.text
+    try:
+        expected = routes(running.base)
+        assert ("parked@1", "explicit") in expected
+        copy = tmp_path / "registry"
+        shutil.copytree(running.registry, copy)
+    finally:
+        assert httpx.delete(f"{running.base}/admin/factors/parked", headers=AUTH, timeout=30).status_code == 200
     second = start_server(tiny_llama, set_files, tmp_path, registry=copy)
     try:
-        assert live(second.base) == expected
+        assert routes(second.base) == expected
+        assert served_by(second.base, 270) == "mid@1"  # 278 tokens: parked (≤300) would be the smallest fit
+        r = httpx.post(
+            f"{second.base}/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": ids_of(270, 1),
+                "max_tokens": 8,
+                "vllm_xargs": {"longrope_factor_set": "parked"},
+            },
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.headers["x-longrope-factor-set"] == "parked@1", r.text
     finally:
         second.stop()
 

@@ -47,7 +47,9 @@ OPERATIONS = [
     ("POST", "/invocations"),
     ("GET", "/admin/factors"),
     ("POST", "/admin/factors"),
+    ("GET", "/admin/factors/{name}"),
     ("POST", "/admin/factors/{name}/rollback"),
+    ("POST", "/admin/factors/{name}/routing"),
     ("DELETE", "/admin/factors/{name}"),
 ]
 EXCLUDED = {
@@ -71,6 +73,7 @@ NEGATIVE = {
     ("POST", "/v1/messages/count_tokens"),
     ("POST", "/generative_scoring"),
     ("POST", "/admin/factors"),
+    ("POST", "/admin/factors/{name}/routing"),
 }
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if (m, p) in NEGATIVE

@@ -1,8 +1,9 @@
 """kill -9 during a registry write, at every step: a forked child performs a hot-load's writes (the new
 version file, then live.json) or a rollback's (live.json only) and SIGKILLs itself right before or after
 one step of the atomic write (temp file created, half written, flushed, fsynced, renamed, folder
-fsynced). A fresh Registry on the same folder must then restore either the old live state or the new
-one — never a mix, a damaged file or an error — and remove the interrupted write's temp file."""
+fsynced), or a demotion's (live.json only, its routing). A fresh Registry on the same folder must then restore
+either the old live state or the new one — never a mix, a damaged file or an error — and remove the
+interrupted write's temp file."""
 
 from __future__ import annotations
 
@@ -144,6 +145,14 @@ def rollback(root: Path) -> None:
     reg.write_state(state)
 
 
+def demote(root: Path) -> None:
+    """What a routing change writes: the live pointer's ``explicit`` list only."""
+    reg = Registry(root)
+    state = reg.read_state()
+    state.explicit.append("b")
+    reg.write_state(state)
+
+
 def prepared(tmp: Path) -> Path:
     root = tmp / "registry"
     reg = Registry(root)
@@ -168,11 +177,21 @@ def run_in_child(action: Callable[[Path], None], root: Path, crash: tuple[str, s
     return os.waitstatus_to_exitcode(status)
 
 
-SCENARIOS = [
-    (hot_load, 1, {"a": 1, "b": 2}, {"a": 2, "b": 2}),  # crash in the version file's write
-    (hot_load, 2, {"a": 1, "b": 2}, {"a": 2, "b": 2}),  # crash in live.json's write
-    (rollback, 1, {"a": 1, "b": 2}, {"a": 1, "b": 1}),
+SCENARIOS = [  # (action, which write crashes, old state, new state); a state: live versions, explicit names
+    (hot_load, 1, ({"a": 1, "b": 2}, []), ({"a": 2, "b": 2}, [])),  # crash in the version file's write
+    (hot_load, 2, ({"a": 1, "b": 2}, []), ({"a": 2, "b": 2}, [])),  # crash in live.json's write
+    (rollback, 1, ({"a": 1, "b": 2}, []), ({"a": 1, "b": 1}, [])),
+    (demote, 1, ({"a": 1, "b": 2}, []), ({"a": 1, "b": 2}, ["b"])),
 ]
+
+
+def restored(root: Path) -> tuple[dict[str, int], list[str]]:
+    """What a restart serves: the live versions and the explicit names."""
+    reg = Registry(root)
+    live = {s.name: s.version for s in reg.restore(STARTUP)}
+    return live, reg.read_state().explicit
+
+
 CASES = [(action, nth, old, new, step, when) for action, nth, old, new in SCENARIOS for step, when in STEPS]
 
 
@@ -184,8 +203,8 @@ def test_sigkill_at_every_step_restores_a_whole_state(
     caplog: pytest.LogCaptureFixture,
     action: Callable[[Path], None],
     nth: int,
-    old: dict[str, int],
-    new: dict[str, int],
+    old: tuple[dict[str, int], list[str]],
+    new: tuple[dict[str, int], list[str]],
     step: str,
     when: str,
 ) -> None:
@@ -193,7 +212,7 @@ def test_sigkill_at_every_step_restores_a_whole_state(
     code = run_in_child(action, root, (step, when, nth))
     assert code == -signal.SIGKILL, f"the child was to die at {step}/{when} but exited with {code}"
     with caplog.at_level(logging.WARNING, logger="longrope.registry"):
-        live = {s.name: s.version for s in Registry(root).restore(STARTUP)}
+        live = restored(root)
     assert live in (old, new), live
     if action is hot_load and (nth == 2 or live == new):  # the version file was whole before live.json moved
         assert Registry(root).load_version("a", 2).factors == fs("a", 3.0).factors
@@ -208,4 +227,4 @@ def test_uninterrupted_writes_reach_the_new_state(tmp_path: Path) -> None:
     for action, _, _, new in SCENARIOS[1:]:
         root = prepared(tmp_path / action.__name__)
         assert run_in_child(action, root, None) == 0
-        assert {s.name: s.version for s in Registry(root).restore(STARTUP)} == new
+        assert restored(root) == new

@@ -1,5 +1,6 @@
 """Admission without vLLM: a request is admitted once, at render time over HTTP, and ``generate`` claims that
-admission; what never reached the engine is ended with its HTTP request; direct engine use admits itself."""
+admission; what never reached the engine is ended with its HTTP request; direct engine use admits itself; a
+request naming its set gets it, pinned, either way."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from memory_catalogue import MemoryWorkers, make_catalogue
 
 from server.admission import Admission
-from server.policy import AdmissionPolicy, RequestTooLong
+from server.policy import AdmissionPolicy, RequestTooLong, UnknownFactorSet
 
 
 def _admission() -> Admission:
@@ -79,3 +80,22 @@ def test_a_prompt_the_scope_never_saw_is_admitted_in_generate() -> None:
         assert adm.catalogue.in_flight == {"short@1": 1}  # the unclaimed one ended, the running one counted
 
     asyncio.run(http_request())
+
+
+def test_a_named_set_is_admitted_over_http_and_in_generate() -> None:
+    adm = _admission()
+
+    async def http_request() -> None:
+        async with adm.http_request() as scope:
+            adm.admit_prompts([list(range(100))], 8, None, 1, "long")  # auto routing would give short
+            assert [(a.key, a.policy) for a in scope.admitted] == [("long@1", "pin")]
+            with pytest.raises(UnknownFactorSet, match=r"'nope' is not a live factor set; live: short@1"):
+                adm.admit_prompts([list(range(10))], 8, None, 1, "nope")
+        assert adm.catalogue.in_flight == {}
+
+    asyncio.run(http_request())
+    direct = adm.claim(list(range(100)), _params(8, longrope_factor_set="long"), "from-params")
+    assert direct.key == "long@1" and direct.policy == "pin" and direct.started
+    with pytest.raises(RequestTooLong, match="exceeds the window of short@1"):
+        adm.claim(list(range(100)), _params(100, longrope_factor_set="short"), "from-params")
+    assert adm.catalogue.in_flight == {"long@1": 1}

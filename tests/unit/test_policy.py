@@ -1,11 +1,21 @@
-"""Admission policies (upgrade, reserve, pin) and the limits of a request's phases, without an engine."""
+"""Admission policies (upgrade, reserve, pin), routing (auto, explicit), named sets and the limits of a
+request's phases, without an engine."""
 
 from __future__ import annotations
 
 import pytest
 
 from factors.baselines import RopeGeometry, identity_set, make_baseline
-from server.policy import AdmissionPolicy, RequestTooLong, SetTable, check_policy, phase_limit, upgrade_target
+from server.policy import (
+    AdmissionPolicy,
+    RequestTooLong,
+    SetTable,
+    UnknownFactorSet,
+    check_policy,
+    check_routing,
+    phase_limit,
+    upgrade_target,
+)
 
 GEO = RopeGeometry(10000.0, 64, 128)
 
@@ -59,3 +69,67 @@ def test_phase_limits_follow_hugging_face(table: SetTable) -> None:
     pinned = policy.assign(table, 100, 500, "pin")
     assert phase_limit(pinned, table, 100) == (28, False)
     assert a.upgrades is None and a.final is a
+
+
+def test_automatic_routing_never_picks_an_explicit_set(table: SetTable) -> None:
+    probe = make_baseline("yarn", GEO, 256, name="probe").with_updates(version=1)
+    routed = table.with_set(probe, "explicit")
+    policy = AdmissionPolicy(default_reserve=64)
+    # 200 tokens: probe (256) is the smallest window that fits, but only a request naming it gets it
+    for name in ("upgrade", "reserve", "pin"):
+        assert policy.assign(routed, 200, 8, name).set.name == "mid"
+    assert upgrade_target(routed, 200).name == "mid"
+    on_short = policy.assign(routed, 100, 500, "upgrade")
+    assert phase_limit(on_short, routed, 100) == (29, True)
+    assert routed.describe() == "short@1 (≤128), probe@1 (≤256, explicit), mid@1 (≤512), long@1 (≤1024)"
+    # an explicit set larger than every auto set does not widen automatic routing
+    huge = make_baseline("yarn", GEO, 2048, name="huge").with_updates(version=1)
+    wide = routed.with_set(huge, "explicit")
+    assert wide.largest_window == 1024 and upgrade_target(wide, 1100) is None
+    on_long = policy.assign(wide, 600, 100, "upgrade")
+    assert phase_limit(on_long, wide, 700) == (324, False)
+    with pytest.raises(RequestTooLong, match="largest factor set window is 1024 tokens"):
+        policy.assign(wide, 1500, 8, "upgrade")
+    # a new version keeps the name's routing; promotion makes it the smallest fit
+    assert routed.with_set(probe.with_updates(version=2)).routing("probe") == "explicit"
+    assert policy.assign(routed.with_routing("probe", "auto"), 200, 8, "upgrade").set.name == "probe"
+
+
+def test_a_named_request_is_pinned_to_its_set(table: SetTable) -> None:
+    probe = make_baseline("yarn", GEO, 256, name="probe").with_updates(version=1)
+    routed = table.with_set(probe, "explicit")
+    policy = AdmissionPolicy(default_reserve=64)
+    named = policy.assign_named(routed, "probe", 200, 8)
+    assert (named.set.name, named.policy, named.max_tokens) == ("probe", "pin", 8)
+    assert phase_limit(named, routed, 200) == (56, False)  # never moves up, stops at its window
+    assert policy.assign_named(routed, "long", 10, None).max_tokens == 1014  # an auto set may be named too
+    assert policy.assign_named(routed, "probe", 100, None, "reserve").max_tokens == 156
+    with pytest.raises(RequestTooLong, match=r"\+ max_tokens \(100\) = 300 tokens exceeds the window of probe@1"):
+        policy.assign_named(routed, "probe", 200, 100)
+    with pytest.raises(RequestTooLong, match=r"default reserve \(64; no max_tokens sent\) = 264 tokens.*≤ 56"):
+        policy.assign_named(routed, "probe", 200, None)
+    with pytest.raises(RequestTooLong, match="shorten the prompt to at most 255 tokens"):
+        policy.assign_named(routed, "probe", 256, 1)
+    with pytest.raises(
+        UnknownFactorSet, match=r"'nope' is not a live factor set; live: short@1 \(≤128\), probe@1"
+    ) as err:
+        policy.assign_named(routed, "nope", 10, 1)
+    assert err.value.param == "vllm_xargs.longrope_factor_set"
+    with pytest.raises(UnknownFactorSet, match="must be the name of a live factor set, got 5"):
+        policy.assign_named(routed, 5, 10, 1)
+    with pytest.raises(ValueError, match="longrope_policy 'upgrade' cannot apply to a request naming its set"):
+        policy.assign_named(routed, "probe", 10, 1, "upgrade")
+
+
+def test_routing_loss(table: SetTable) -> None:
+    assert table.routing_loss(table.with_routing("short", "explicit")) is None  # mid takes those requests
+    assert table.routing_loss(table.with_routing("long", "explicit")) == (
+        "no set for automatic routing of 513–1024 tokens (the auto sets would reach 512)"
+    )
+    alone = SetTable(table.sets[:1])
+    assert alone.routing_loss(alone.with_routing("short", "explicit")) == (
+        "no set for automatic routing (requests that name no set)"
+    )
+    assert check_routing("explicit") == "explicit"
+    with pytest.raises(ValueError, match="routing must be one of auto, explicit; got 'sometimes'"):
+        check_routing("sometimes")

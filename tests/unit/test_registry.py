@@ -1,4 +1,4 @@
-"""The factor-set registry on disk: versions, live pointer, restore at start, corrupt files skipped."""
+"""The factor-set registry on disk: versions, live pointer with routing, restore at start, corrupt files skipped."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from factors import parse_factor_set
+from factors.schema import FactorSetError
 from server.registry import Registry, RegistryState
 
 
@@ -30,7 +31,7 @@ def test_restore_saves_startup_sets_as_version_one(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     live = reg.restore([fs("a"), fs("b")])
     assert sorted(s.label for s in live) == ["a@1", "b@1"]
-    assert json.loads((tmp_path / "live.json").read_text()) == {"live": {"a": 1, "b": 1}, "retired": []}
+    assert json.loads((tmp_path / "live.json").read_text()) == {"live": {"a": 1, "b": 1}, "retired": [], "explicit": []}
     assert reg.load_version("a", 1).factors == [1.0, 2.0]
 
 
@@ -61,3 +62,30 @@ def test_unreadable_live_file_falls_back_to_startup(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.ERROR):
         live = reg.restore([fs("a")])
     assert [s.label for s in live] == ["a@1"] and "live.json is unreadable" in caplog.text
+
+
+def test_routing_is_restored_and_kept_to_live_names(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.restore([fs("a"), fs("b")])
+    reg.write_state(RegistryState({"a": 1, "b": 1}, [], ["b", "gone"]))
+    assert reg.read_state().explicit == ["b"]  # only live names are written
+    reg.restore([fs("a"), fs("b"), fs("c")])
+    assert reg.read_state().explicit == ["b"]
+    (tmp_path / "live.json").write_text(json.dumps({"live": {"a": 1}, "retired": []}))  # written before routing
+    reg.restore([])
+    assert reg.read_state() == RegistryState({"a": 1}, [], [])
+
+
+def test_a_registry_leaving_no_auto_set_is_refused(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.restore([fs("a"), fs("b")])
+    reg.write_state(RegistryState({"a": 1, "b": 1}, [], ["a", "b"]))
+    with pytest.raises(FactorSetError, match="leaves no set for automatic routing: every live set"):
+        reg.restore([fs("a")])
+    assert [s.label for s in reg.restore([fs("a"), fs("new")])] == ["a@1", "b@1", "new@1"]  # a new auto name
+
+
+def test_a_bad_routing_name_is_a_damaged_pointer(tmp_path: Path) -> None:
+    (tmp_path / "live.json").write_text(json.dumps({"live": {"a": 1}, "explicit": ["../x"]}))
+    with pytest.raises(FactorSetError, match="names invalid sets or versions"):
+        Registry(tmp_path).read_state_strict()
