@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
-# longrope-serve for CUDA GPU hosts (vllm==0.32.*, whose wheels bring the CUDA runtime; the host needs the
-# NVIDIA driver and the NVIDIA Container Toolkit). The install step is scripts/install.sh, the same script
-# `make serve`, `make test` and CI run (CI with the CPU variant, see Dockerfile.cpu). docs/deploy.md has it all.
-#   docker build -t longrope-serve:cuda .
+# longrope-serve for CUDA GPU hosts. The vLLM it installs is the requirement scripts/install.sh gives for
+# LONGROPE_VARIANT=cuda (its ENGINE_REQ line; `make image-cuda` copies it into the image's label
+# io.longrope-serve.engine, see `docker image inspect`); vLLM's CUDA wheels bring the CUDA runtime, the host
+# needs the NVIDIA driver and the NVIDIA Container Toolkit. The install step is scripts/install.sh, the same
+# script `make serve`, `make test` and CI run (CI with the CPU variant, see Dockerfile.cpu). docs/deploy.md.
+#   make image-cuda     (or: docker build -t longrope-serve:cuda .)
 #   docker run --gpus all --init -p 8000:8000 -v models:/models -v registry:/registry \
 #       -e LONGROPE_ADMIN_TOKEN=... longrope-serve:cuda [any longrope-serve / vLLM option]
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -37,7 +39,11 @@ COPY --chown=1000:1000 factors ./factors
 COPY --chown=1000:1000 server ./server
 COPY --chown=1000:1000 clients ./clients
 USER 1000:1000
+# build-ca (optional): a CA bundle for pip, passed as a build secret so it never lands in a layer
+# (`make image` passes the host's, for HTTPS through a proxy with its own CA; docs/deploy.md).
 RUN --mount=type=cache,target=/home/longrope/.cache/pip,uid=1000,gid=1000 \
+    --mount=type=secret,id=build-ca,mode=0444 \
+    if [ -s /run/secrets/build-ca ]; then export PIP_CERT=/run/secrets/build-ca; fi; \
     LONGROPE_VARIANT=cuda LONGROPE_VENV=/opt/venv LONGROPE_EDITABLE=0 bash scripts/install.sh
 
 # /models: model folders (LONGROPE_MODEL=/models/NAME) and caches (the embedded default model's conversion,

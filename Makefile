@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export LONGROPE_VENV := $(VENV)
 
-.PHONY: install test-tools model serve test lint
+.PHONY: install test-tools model serve test lint image image-cuda test-image
 
 install:
 	bash scripts/install.sh
@@ -27,3 +27,15 @@ test: install test-tools
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The container image (docs/deploy.md): Docker when an engine answers, else podman, installed and configured
+# here; a local Debian base and torch's CPU wheel served locally where no registry can be reached.
+image:
+	bash scripts/build-image.sh cpu
+
+image-cuda:
+	bash scripts/build-image.sh cuda
+
+# Runs the CPU image as docs/deploy.md does (tests/deploy/test_image.py; skipped in `make test`, see there).
+test-image: install test-tools image
+	LONGROPE_IMAGE_TEST=1 $(PY) -m pytest -ra --durations=0 tests/deploy/test_image.py $(PYTEST_ARGS)
