@@ -26,6 +26,7 @@ from .engine import EngineSettings, LongRopeEngine
 from .middleware import FactorSetHeaderMiddleware
 from .policy import POLICIES, RequestTooLong
 from .settings import ServerSettings
+from .startup import UnsupportedOption
 from .vllm_ext import UnsupportedVllmVersion, check_vllm_version
 from .vllm_ext.frontend import (
     add_outer_middleware,
@@ -193,6 +194,20 @@ def _given(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
 
+def refused_server_options(args: argparse.Namespace) -> str | None:
+    """vLLM server options longrope-serve refuses (the engine's are checked by
+    :func:`server.startup.check_engine_options`): the message, or None."""
+    count = getattr(args, "api_server_count", None)
+    if count is not None and count > 1:
+        return (
+            f"--api-server-count {count}: longrope-serve runs one API process (admissions and set counts live in"
+            " it); run several longrope-serve replicas sharing one --registry behind a load balancer (docs/deploy.md)"
+        )
+    if getattr(args, "headless", False):
+        return "--headless: longrope-serve's API process is where requests get their sets; drop the option"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU backend otherwise reserves 92% of RAM for the KV cache and refuses to start when less is
@@ -220,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         args.host = settings.host
     if settings.port and not _given(argv, "--port"):
         args.port = settings.port
+    refused = refused_server_options(args)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     try:
         admin_token = settings.model_copy(update={"admin_token_file": args.admin_token_file}).resolved_admin_token()
     except ValueError as err:
@@ -227,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(args, model_given, admin_token))
-    except (FactorSetError, RequestTooLong) as err:
+    except (FactorSetError, RequestTooLong, UnsupportedOption) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

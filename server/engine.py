@@ -30,7 +30,7 @@ from .policy import AdmissionPolicy, Assignment, RequestTooLong, phase_limit, up
 from .registry import Registry
 from .startup import EngineSettings, plan_engine_args, startup_sets
 from .vllm_ext import EXTRA_ARGS_KEY
-from .vllm_ext.engine_client import EngineWorkers, start_async_llm
+from .vllm_ext.engine_client import EngineWorkers, check_request_supported, spec_decode_counts, start_async_llm
 
 logger = logging.getLogger("longrope.engine")
 
@@ -130,6 +130,7 @@ class LongRopeEngine(SetCatalogue):
         record: UpgradeRecord | None = None
         outcome, started_at, first_token = "error", time.monotonic(), False
         try:
+            check_request_supported(sampling_params)
             phase = 0
             while True:
                 done = len(joiner.tokens)
@@ -161,6 +162,8 @@ class LongRopeEngine(SetCatalogue):
                     if not first_token and joiner.tokens_in_phase:
                         first_token = True
                         metrics.TIME_TO_FIRST_TOKEN.labels(assignment.set.name).observe(time.monotonic() - started_at)
+                    if output.finished:
+                        metrics.observe_spec_decode(current.set.name, *spec_decode_counts(output))
                     if output.finished and may_move and joiner.phase_ended_at_limit(output, phase_max):
                         move_to = self._move_target(current, len(prompt_ids) + len(joiner.tokens))
                     shown = joiner.present(output, phase, continuing=move_to is not None)

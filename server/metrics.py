@@ -77,13 +77,32 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# Speculative decoding (ngram prompt lookup): vLLM's own vllm:spec_decode_* counters cover the engine; these split
+# drafted and accepted tokens by the factor set the request (phase) ran on.
+SPEC_DRAFTED = Counter(
+    "longrope_spec_decode_drafted_tokens",
+    "Draft tokens proposed by speculative decoding, by the factor set of the request phase that verified them",
+    ["factor_set"],
+)
+SPEC_ACCEPTED = Counter(
+    "longrope_spec_decode_accepted_tokens",
+    "Draft tokens accepted by verification, by factor set",
+    ["factor_set"],
+)
+
+
+def observe_spec_decode(factor_set: str, drafted: int, accepted: int) -> None:
+    if drafted:
+        SPEC_DRAFTED.labels(factor_set).inc(drafted)
+        SPEC_ACCEPTED.labels(factor_set).inc(accepted)
+
 
 def _zero_known_labels() -> None:
     """Create the label combinations known in advance at 0, so Prometheus's rate()/increase() see the first
     event of each (a series that appears with value 1 has no earlier sample to count from)."""
     for reason in ("too_long", "bad_request"):
         REJECTIONS.labels(reason)
-    for action in ("load", "rollback", "retire", "sync"):
+    for action in ("load", "rollback", "retire", "routing", "sync"):
         for result in ("ok", "rejected"):
             HOT_LOADS.labels(action, result)
 

@@ -31,6 +31,34 @@ def output_modes(output_kind: Any) -> tuple[bool, bool]:
     return output_kind == RequestOutputKind.DELTA, output_kind == RequestOutputKind.FINAL_ONLY
 
 
+SEED_ON_CPU = (
+    "per-request seed is refused on the CPU build: vLLM 0.32's CPU runner rewinds a seeded request's random"
+    " generator whenever its prefill is split across steps (chunked prefill, or a busy step), and torch's CPU"
+    " generators have no offset, so the engine dies; omit seed (or serve on CUDA)"
+)
+
+
+def check_request_supported(sampling_params: Any) -> None:
+    """Refuse, with vLLM's 400, per-request options that this build of vLLM cannot run safely."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.platforms import current_platform
+
+    if getattr(sampling_params, "seed", None) is not None and current_platform.is_cpu():
+        raise VLLMValidationError(SEED_ON_CPU, parameter="seed", value=sampling_params.seed)
+
+
+def spec_decode_counts(output: Any) -> tuple[int, int]:
+    """(drafted, accepted) draft tokens of a finished ``RequestOutput``, summed over its completions, from
+    vLLM's per-request ``spec_decode_metrics`` (present when ``per_request_spec_decode_metrics`` is on)."""
+    drafted = accepted = 0
+    for completion in getattr(output, "outputs", None) or ():
+        stats = getattr(completion, "spec_decode_metrics", None)
+        if stats is not None:
+            drafted += stats.num_draft_tokens
+            accepted += sum(j * count for j, count in enumerate(stats.histogram))
+    return drafted, accepted
+
+
 class EngineWorkers:
     """The engine's workers for the set catalogue: ``collective_rpc`` to the worker extension's methods, which
     reach every rank between steps."""

