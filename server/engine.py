@@ -74,6 +74,12 @@ class LongRopeEngine(SetCatalogue):
         engine = start_async_llm(settings.model, kwargs)
         logger.info("engine up in %.1f s; sets: %s", time.monotonic() - t0, ", ".join(fs.label for fs in sets))
         eng = cls(engine, model, sets, settings, kwargs["max_model_len"], registry)
+        try:
+            for fs in sets:  # not in the engine arguments: they are hashed into the compile-cache key
+                await eng._push_to_workers(fs)
+        except Exception:
+            engine.shutdown()
+            raise
         rope = await eng.rope_status()
         logger.info(
             "RoPE state %.2f MiB per worker (%d tokens per step, %d set versions; independent of the windows)",

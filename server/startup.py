@@ -100,10 +100,10 @@ def plan_engine_args(settings: EngineSettings, model: ModelRope, sets: list[Fact
         # per-request acceptance counts feed longrope_spec_decode_*_tokens_total{factor_set}
         kwargs["per_request_spec_decode_metrics"] = "summary"
     extra = dict(kwargs.get("additional_config") or {})
-    extra[CONFIG_KEY] = {
-        "patch_version": PATCH_VERSION,
-        "sets": [fs.model_dump(mode="json") for fs in sets],
-    }
+    # Only what changes the compiled graph goes into vLLM's compile-cache key (additional_config is hashed):
+    # the patch version. The sets are parameters in buffers, given to the workers once the engine is up
+    # (LongRopeEngine.start), so a restart after a hot-load reuses the compiled artifacts.
+    extra[CONFIG_KEY] = {"patch_version": PATCH_VERSION}
     kwargs["additional_config"] = extra
     kwargs["worker_extension_cls"] = settings.worker_extension
     kwargs.setdefault("served_model_name", None)

@@ -21,8 +21,6 @@ import logging
 import threading
 from typing import Any
 
-from factors.schema import parse_factor_set
-
 from .keys import CONFIG_KEY, PATCH_VERSION, SPEC_METHODS
 from .rotary import replace_rotaries
 from .version import UnsupportedVllmVersion, check_vllm_version
@@ -53,8 +51,6 @@ def install_into_runner(runner: Any) -> None:
         )
     rotaries = replace_rotaries(runner.model, runner.max_num_tokens, runner.model_config.dtype, runner.device)
     state = LongRopeState(runner, rotaries)
-    for data in cfg.get("sets", []):
-        state.load(parse_factor_set(data, monotone="ignore"))
     runner.longrope_state = state
     if spec is not None:
         _bound_ngram_drafts(runner, state)

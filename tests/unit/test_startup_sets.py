@@ -44,3 +44,17 @@ def test_a_bad_set_in_the_model_folder_is_refused(tmp_path: Path) -> None:
     (folder / MODEL_SETS_DIR / "broken.json").write_text('{"name": "broken"}')
     with pytest.raises(FactorSetError, match="broken"):
         startup_sets(folder)
+
+
+def test_compile_cache_key_does_not_depend_on_the_sets() -> None:
+    """vLLM hashes ``additional_config`` into its compile-cache key; the sets are buffer values, so another
+    version of a set (a restart after a hot-load) must not force a new compile — only the patch version may."""
+    from server.startup import EngineSettings, plan_engine_args
+    from server.vllm_ext.keys import CONFIG_KEY, PATCH_VERSION
+
+    model, sets = startup_sets(str(TINY / "model"), [TINY / "sets" / "yarn.json"])
+    _, other = startup_sets(str(TINY / "model"), [TINY / "sets" / "longrope-256.json"])
+    settings = EngineSettings(model=str(TINY / "model"))
+    first = plan_engine_args(settings, model, sets)["additional_config"]
+    second = plan_engine_args(settings, model, other)["additional_config"]
+    assert first == second == {CONFIG_KEY: {"patch_version": PATCH_VERSION}}
