@@ -20,6 +20,7 @@ from .client import (
     openai_client,
     stats,
 )
+from .ruler import add_ruler_command
 
 EPILOG = """\
 environment: LONGROPE_URL (default http://127.0.0.1:8000), LONGROPE_ADMIN_TOKEN (admin commands)
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark against stock vLLM (see: longrope-client bench --help)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     b.set_defaults(func=cmd_bench)
+    add_ruler_command(sub)
     return p
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from factors.baselines import BASELINE_METHODS, make_baseline
 from factors.cli.args import DTYPES, add_geometry_options, geometry_from_args, int_list
 from factors.cli.extend import add_extend_commands
+from factors.cli.ruler import add_ruler_command
 from factors.cli.search import add_search_commands
 from factors.evaluation.plotting import save_figure
 from factors.formats import (
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_angles)
     add_search_commands(sub)
     add_extend_commands(sub)
+    add_ruler_command(sub)
     return parser
 
 

@@ -170,7 +170,7 @@ def test_every_option_of_every_subcommand_has_help() -> None:
         "eval",
         "passkey",
         "plot-ppl",
-    } | {"finetune", "extend"}
+    } | {"finetune", "extend", "ruler"}
     for name, p in commands.items():
         text = p.format_help()
         for action in p._actions:
