@@ -70,6 +70,19 @@ def float_list(*, low: float | None = None, high: float | None = None) -> Callab
     return parse
 
 
+def critical_dim(text: str) -> str | int | None:
+    """argparse ``type`` for ``--critical-dim``: ``auto``, ``off`` (None) or a RoPE pair index ≥ 0."""
+    from factors.search.critical import parse_critical_dim
+
+    try:
+        return parse_critical_dim(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+critical_dim.__name__ = "critical dimension"
+
+
 def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     """argparse ``type`` for ``pi,ntk,yarn``: one or more names, each from ``choices``."""
 

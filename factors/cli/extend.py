@@ -14,6 +14,7 @@ from typing import Any
 from factors.baselines import BASELINE_METHODS
 from factors.cli.args import DefaultsHelpFormatter, add_model_options, int_list, name_list
 from factors.cli.search import add_search_budget_options, add_short_budget_options, search_plan
+from factors.evaluation.tasks import TASKS
 from factors.formats import load_any
 from factors.schema import FactorSetError
 
@@ -62,6 +63,28 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         help="recompute activations during backward (less memory for long windows of real models, slower)",
     )
     g.add_argument(
+        f"--{prefix}mixed-window",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="mixed context window training (LongRoPE2): this fraction of the micro-batches are short sequences"
+        f" (--{prefix}short-len) trained under the model's original RoPE, the rest long ones under the set;"
+        " 0 trains every sequence long",
+    )
+    g.add_argument(
+        f"--{prefix}short-len", type=int, help="length of the short sequences (default: the model's own window)"
+    )
+    g.add_argument(
+        f"--{prefix}task-ratio",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="this fraction of the sequences are task documents (compact format: needle, multi-key, multi-value,"
+        " variable tracking) at a random depth, short or long as their micro-batch",
+    )
+    g.add_argument(f"--{prefix}tasks", type=name_list(TASKS), default=list(TASKS), help="the tasks of those documents")
+    g.add_argument(f"--{prefix}task-text", help=f"haystack text of the task documents (default --{prefix}text)")
+    g.add_argument(
         f"--{prefix}time-budget",
         type=float,
         help="minutes; after the step that passes it, write a checkpoint and stop (continue with --resume)",
@@ -90,6 +113,11 @@ def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "")
         checkpoint_every=get("checkpoint-every"),
         time_budget_s=budget * 60 if budget is not None else None,
         gradient_checkpointing=get("gradient-checkpointing"),
+        mixed_short=get("mixed-window"),
+        short_len=get("short-len"),
+        task_ratio=get("task-ratio"),
+        tasks=tuple(get("tasks")),
+        task_text=get("task-text"),
     )
     try:
         config.validate()

@@ -15,10 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from factors.baselines import BASELINE_METHODS
-from factors.cli.args import DefaultsHelpFormatter, add_model_options, float_list, int_list, name_list
+from factors.cli.args import (
+    DefaultsHelpFormatter,
+    add_model_options,
+    critical_dim,
+    float_list,
+    int_list,
+    name_list,
+)
+from factors.evaluation.tasks import TASKS
 from factors.formats import factor_set_json, load_any, read_model_rope, save_json_set
 from factors.schema import FactorSet, FactorSetError
+from factors.search.critical import CRITICAL_CHOICES_HELP, resolve_critical_pair
 from factors.search.evolution import N_HAT_CHOICES, SearchConfig, SearchPlan
+from factors.search.objective import DEFAULT_NEEDLE_TASKS, OBJECTIVES
+
+DEFAULT_TEXT = "stdlib:search"
 
 TEXT_HELP = (
     "text to measure on: a UTF-8 file, or stdlib:search / stdlib:heldout / stdlib:train for the Python"
@@ -66,6 +78,11 @@ def search_plan(args: argparse.Namespace) -> SearchPlan:
         "seed": args.seed,
         "n_hat_choices": tuple(args.n_hat_choices),
     }
+    geometry = read_model_rope(args.model).geometry
+    try:
+        critical = resolve_critical_pair(args.critical_dim, geometry)
+    except ValueError as err:
+        raise FactorSetError(f"search: {err}") from None
     long = SearchConfig(
         target_len=args.target_len,
         **budget,
@@ -74,11 +91,12 @@ def search_plan(args: argparse.Namespace) -> SearchPlan:
         mscale=args.mscale,
         seed_methods=tuple(args.seed_methods),
         time_budget_s=args.time_budget * 60 if args.time_budget else None,
+        critical_pair=critical,
     )
     short = None
     if args.short:
         short = SearchConfig(
-            target_len=read_model_rope(args.model).geometry.original_max_len,
+            target_len=geometry.original_max_len,
             **(
                 budget
                 | {
@@ -91,7 +109,7 @@ def search_plan(args: argparse.Namespace) -> SearchPlan:
     try:
         return SearchPlan(
             long=long,
-            text=args.text,
+            text=",".join(args.text) if args.text else DEFAULT_TEXT,
             samples=args.samples,
             window_seed=args.window_seed,
             stages=tuple(args.progressive or ()),
@@ -105,6 +123,11 @@ def search_plan(args: argparse.Namespace) -> SearchPlan:
             table_samples=args.table_samples,
             table_baselines=tuple(args.table_baselines),
             seed_sets=tuple(_sets(args.seed_set)),
+            objective=args.objective,
+            needle_tasks=tuple(args.needle_tasks),
+            needle_depths=args.needle_depths,
+            needle_samples=args.needle_samples,
+            needle_template=args.needle_template,
         )
     except ValueError as err:
         raise FactorSetError(f"search: {err}") from None
@@ -210,11 +233,13 @@ def add_search_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "search",
-        help="LongRoPE evolutionary search for λ_i and n̂ on perplexity",
+        help="LongRoPE evolutionary search for λ_i and n̂ on perplexity or needle-driven perplexity",
         formatter_class=fmt,
         description="Search λ_i (non-decreasing, within [--low, --high]) and n̂ (from --n-hat-choices) that minimise"
         " perplexity at --target-len on --text, starting from PI, NTK and YaRN and their mutations; each generation"
-        " keeps the --parents best and adds --mutations mutated and --crossovers crossed children. With"
+        " keeps the --parents best and adds --mutations mutated and --crossovers crossed children."
+        " --objective needle-ppl scores candidates by the loss of task answers only (LongRoPE2), --critical-dim"
+        " keeps the pairs past the critical dimension interpolated by at least the extension ratio. With"
         " --progressive the search runs once per length, each stage seeded with the previous one. With --short it"
         " then searches a short set at the model's own window. The output is a factor-set JSON file whose"
         " provenance records the data, lengths, generations and ppl table; it loads into the server unchanged.",
@@ -311,8 +336,42 @@ def add_search_commands(sub: Any) -> None:
 
 def add_search_budget_options(p: argparse.ArgumentParser) -> None:
     """The options of one search's text, windows, budget and constraints (search and extend)."""
-    p.add_argument("--text", default="stdlib:search", help=TEXT_HELP)
-    p.add_argument("--samples", type=int, default=4, help="windows per perplexity evaluation")
+    p.add_argument(
+        "--text",
+        action="append",
+        metavar="SPEC[,SPEC…]",
+        help="text the search measures on, repeatable or comma-separated: several kinds of text (e.g. code and"
+        f" prose) so that the set does not fit one kind (default {DEFAULT_TEXT}); each is " + TEXT_HELP,
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="ppl",
+        help="what the search minimises: ppl (LongRoPE: perplexity of text windows) or needle-ppl (LongRoPE2:"
+        " perplexity of only the answer tokens of task documents at the target length, across depths, built"
+        " from every --text)",
+    )
+    p.add_argument(
+        "--critical-dim",
+        type=critical_dim,
+        default=None,
+        metavar="auto|N|off",
+        help="LongRoPE2's constraint: λ_i ≥ the extension ratio for every RoPE pair i ≥ the critical one; "
+        + CRITICAL_CHOICES_HELP
+        + " (default off)",
+    )
+    p.add_argument(
+        "--needle-tasks",
+        type=name_list(TASKS),
+        default=list(DEFAULT_NEEDLE_TASKS),
+        help="task documents of needle-ppl (factors.evaluation.tasks)",
+    )
+    p.add_argument("--needle-depths", type=int, default=5, help="needle depths of needle-ppl, evenly from 0 to 1")
+    p.add_argument("--needle-samples", type=int, default=1, help="needle-ppl documents per text, task and depth")
+    p.add_argument(
+        "--needle-template", choices=("compact", "english"), default="compact", help="task format of needle-ppl"
+    )
+    p.add_argument("--samples", type=int, default=4, help="windows of each text per perplexity evaluation")
     p.add_argument("--window-seed", type=int, default=0, help="seed for the windows' offsets in the text")
     p.add_argument("--population", type=int, default=64, help="individuals kept per generation")
     p.add_argument("--parents", type=int, default=32, help="top-k individuals that breed")

@@ -27,6 +27,7 @@ from typing import Any
 from factors.baselines import RopeGeometry, make_baseline
 from factors.formats import atomic_write_text
 from factors.schema import FactorSet, Provenance, default_mscale
+from factors.search.critical import apply_floor, satisfies
 
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
 CHECKPOINT_VERSION = 1
@@ -54,6 +55,7 @@ class SearchConfig:
     n_hat_prob: float = 0.3
     mscale: float | None = None  # default: LongRoPE's sqrt(1 + ln s / ln L)
     time_budget_s: float | None = None
+    critical_pair: int | None = None  # LongRoPE2: λ_i ≥ s for every pair i ≥ this (factors.search.critical)
 
     def validate(self) -> None:
         """ValueError when the budget cannot run (checked before any model is loaded)."""
@@ -68,6 +70,10 @@ class SearchConfig:
         s = self.target_len / geo.original_max_len
         return self.low, self.high if self.high is not None else max(2.0, 2.0 * s)
 
+    def critical_floor(self, geo: RopeGeometry) -> float:
+        """The least λ of the pairs from ``critical_pair`` on: the extension ratio s (at least 1)."""
+        return max(1.0, self.target_len / geo.original_max_len)
+
 
 @dataclass(frozen=True)
 class SearchPlan:
@@ -76,8 +82,11 @@ class SearchPlan:
 
     ``long`` is the budget of the long search (its ``target_len`` is the long set's window); ``stages`` the
     shorter lengths of a progressive chain before it; ``short``, if given, the budget of the short
-    readjustment at the model's own window. Fitness is perplexity on ``samples`` windows (offsets seeded by
-    ``window_seed``) of the text ``text`` names; ``table_*`` add a ppl table against baselines afterwards."""
+    readjustment at the model's own window. Fitness (``objective``, see factors.search.objective) is perplexity
+    on ``samples`` windows (offsets seeded by ``window_seed``) of each text ``text`` names (comma-separated
+    specs: several kinds of text), or needle-driven perplexity on task documents built from those texts
+    (``needle_*``); ``table_*`` add a ppl table against baselines afterwards. The long search's
+    ``critical_pair`` (LongRoPE2's critical dimension) applies to every stage of a chain, at its own ratio."""
 
     long: SearchConfig
     text: str = "stdlib:search"
@@ -94,6 +103,11 @@ class SearchPlan:
     table_samples: int = 4
     table_baselines: tuple[str, ...] = ("identity", "pi", "ntk", "yarn")
     seed_sets: tuple[FactorSet, ...] = ()  # sets stretched (``scaled_seed``) into the first search's seeds
+    objective: str = "ppl"  # "ppl" | "needle-ppl" (factors.search.objective.OBJECTIVES)
+    needle_tasks: tuple[str, ...] = ("niah_single", "niah_multikey")
+    needle_depths: int = 5
+    needle_samples: int = 1  # documents per (text kind, task, depth)
+    needle_template: str = "compact"
 
     def __post_init__(self) -> None:
         too_long = [n for n in self.stages if n > self.long.target_len]
@@ -103,6 +117,12 @@ class SearchPlan:
             )
         if self.samples < 1 or (self.short_samples is not None and self.short_samples < 1):
             raise ValueError("samples must be ≥ 1")
+        if self.objective not in ("ppl", "needle-ppl"):
+            raise ValueError(f"unknown objective {self.objective!r}; expected ppl or needle-ppl")
+        if self.needle_depths < 1 or self.needle_samples < 1 or not self.needle_tasks:
+            raise ValueError("needle-ppl needs ≥ 1 task, ≥ 1 depth and ≥ 1 sample")
+        if not any(s.strip() for s in self.text.split(",")):
+            raise ValueError("no text to search on (give --text)")
         for target in self.lengths:
             replace(self.long, target_len=target).validate()
         if self.short is not None:
@@ -148,11 +168,20 @@ def genome_key(factors: Sequence[float], n_hat: int) -> str:
     return json.dumps([[float(f"{x:.10g}") for x in factors], int(n_hat)])
 
 
-def is_valid(factors: Sequence[float], n_hat: int, low: float, high: float, choices: Sequence[int]) -> bool:
-    """The paper's constraints: non-decreasing λ, within [low, high], n̂ from the allowed list."""
+def is_valid(
+    factors: Sequence[float],
+    n_hat: int,
+    low: float,
+    high: float,
+    choices: Sequence[int],
+    critical_pair: int | None = None,
+    floor: float = 1.0,
+) -> bool:
+    """The paper's constraints: non-decreasing λ, within [low, high], n̂ from the allowed list; with a
+    critical pair (LongRoPE2), λ_i ≥ floor from that pair on."""
     ok_order = all(factors[i] <= factors[i + 1] for i in range(len(factors) - 1))
     ok_bounds = all(low - 1e-12 <= f <= high + 1e-12 for f in factors)
-    return ok_order and ok_bounds and n_hat in choices
+    return ok_order and ok_bounds and n_hat in choices and satisfies(factors, critical_pair, floor)
 
 
 def repair(factors: Sequence[float], low: float, high: float, upward: bool) -> list[float]:
@@ -192,6 +221,13 @@ class LongRopeSearch:
         self.provenance = provenance or {}
         self.progress = progress
         self.low, self.high = config.bounds(geo)
+        self.critical_pair = config.critical_pair
+        self.floor = config.critical_floor(geo)
+        if self.critical_pair is not None and self.floor > self.high + 1e-12:
+            raise ValueError(
+                f"the critical-dimension constraint needs λ ≥ {self.floor:g} but --high is {self.high:g};"
+                " raise --high or turn the constraint off"
+            )
         self.choices = tuple(n for n in config.n_hat_choices if n < config.target_len)
         self.mscale = (
             config.mscale if config.mscale is not None else default_mscale(config.target_len, geo.original_max_len)
@@ -215,13 +251,18 @@ class LongRopeSearch:
             model=self.geo.model,
         )
 
+    def repair(self, factors: Sequence[float], upward: bool) -> list[float]:
+        """:func:`repair` within this search's bounds, then the critical-dimension floor (which keeps λ
+        monotone and within bounds: the floor is ≤ high)."""
+        return apply_floor(repair(factors, self.low, self.high, upward), self.critical_pair, self.floor)
+
     def evaluate(self, factors: Sequence[float], n_hat: int, origin: str) -> Evaluated:
         """Fitness of one individual, memoised; every evaluated individual is checked valid."""
         key = genome_key(factors, n_hat)
         hit = self.state.memo.get(key)
         if hit is not None:
             return hit
-        if not is_valid(factors, n_hat, self.low, self.high, self.choices):
+        if not is_valid(factors, n_hat, self.low, self.high, self.choices, self.critical_pair, self.floor):
             raise AssertionError(f"internal error: invalid individual reached evaluation: {factors}, n̂={n_hat}")
         ppl = float(self.fitness(self.factor_set(factors, n_hat)))
         if not math.isfinite(ppl):
@@ -243,7 +284,7 @@ class LongRopeSearch:
                 if rng.random() < cfg.mutation_prob:
                     lam[i] *= math.exp(rng.gauss(0.0, cfg.mutation_sigma))
                     changed = True
-        lam = repair(lam, self.low, self.high, upward=rng.random() < 0.5)
+        lam = self.repair(lam, upward=rng.random() < 0.5)
         n_hat = parent.n_hat
         if rng.random() < cfg.n_hat_prob:
             idx = self.choices.index(n_hat) if n_hat in self.choices else 0
@@ -254,7 +295,7 @@ class LongRopeSearch:
     def crossover(self, a: Evaluated, b: Evaluated) -> tuple[list[float], int]:
         rng = self.rng
         lam = [x if rng.random() < 0.5 else y for x, y in zip(a.factors, b.factors, strict=True)]
-        lam = repair(lam, self.low, self.high, upward=rng.random() < 0.5)
+        lam = self.repair(lam, upward=rng.random() < 0.5)
         return lam, a.n_hat if rng.random() < 0.5 else b.n_hat
 
     def _fresh(self, make: Callable[[], tuple[list[float], int]], taken: set[str]) -> tuple[list[float], int]:
@@ -273,10 +314,10 @@ class LongRopeSearch:
         out = []
         for method in self.cfg.seed_methods:
             fs = make_baseline(method, self.geo, self.cfg.target_len)
-            out.append((method, repair(fs.factors, self.low, self.high, upward=True), 0))
+            out.append((method, self.repair(fs.factors, upward=True), 0))
         for label, factors, n_hat in self.extra_seeds:
             n = n_hat if n_hat in self.choices else 0
-            out.append((label, repair(factors, self.low, self.high, upward=True), n))
+            out.append((label, self.repair(factors, upward=True), n))
         return out
 
     def _initial(self) -> None:
@@ -381,6 +422,8 @@ class LongRopeSearch:
             "history": self.state.history,
             "config": {**asdict(self.cfg), "n_hat_choices": list(self.cfg.n_hat_choices)},
             "bounds": [self.low, self.high],
+            "critical_pair": self.critical_pair,
+            "critical_floor": self.floor if self.critical_pair is not None else None,
             **self.provenance.get("metrics", {}),
         }
         best_seed = min(self.state.seed_ppl.values()) if self.state.seed_ppl else None

@@ -1,14 +1,15 @@
 """Progressive extension (2× → 4× → 8×, each stage seeded from the last) and the short-window
 readjustment: the long and short sets the server switches between.
 
-Fitness is perplexity on fixed windows of a text (same windows for every individual of a stage). Every
+Fitness is perplexity on fixed windows of one or more texts, or needle-driven perplexity on fixed task
+documents (same windows or documents for every individual of a stage; factors.search.objective). Every
 function takes the run's :class:`~factors.search.evolution.SearchPlan`; :func:`run_search` is the whole
 ``longrope-factors search``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,7 @@ import torch
 from factors.evaluation.evaluator import Evaluator
 from factors.schema import FactorSet, FactorSetError
 from factors.search.evolution import LongRopeSearch, SearchConfig, SearchPlan, scaled_seed
-
-
-def ppl_fitness(
-    ev: Evaluator, tokens: torch.Tensor, length: int, samples: int, seed: int
-) -> Callable[[FactorSet], float]:
-    """Fitness = perplexity of `samples` seeded windows of `length` tokens."""
-    windows = ev.windows(tokens, length, samples, seed)
-    return lambda fs: ev.perplexity(fs, windows)
+from factors.search.objective import make_fitness, text_specs
 
 
 def text_tokens(ev: Evaluator, spec: str) -> torch.Tensor:
@@ -38,9 +32,22 @@ def text_tokens(ev: Evaluator, spec: str) -> torch.Tensor:
         raise FactorSetError(str(err)) from None
 
 
+def texts_tokens(ev: Evaluator, spec: str) -> list[torch.Tensor]:
+    """Token ids of each text of a comma-separated list of specs (several kinds of text, kept apart so that
+    each gives its own windows)."""
+    return [text_tokens(ev, one) for one in text_specs(spec)]
+
+
+Tokens = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _as_list(tokens: Tokens) -> list[torch.Tensor]:
+    return [tokens] if isinstance(tokens, torch.Tensor) else list(tokens)
+
+
 def search_set(
     ev: Evaluator,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     plan: SearchPlan,
     config: SearchConfig,
     *,
@@ -49,10 +56,15 @@ def search_set(
     samples: int | None = None,
     extra_seeds: Sequence[tuple[str, Sequence[float], int]] = (),
     stop_after: int | None = None,
+    objective: str | None = None,
 ) -> tuple[FactorSet, LongRopeSearch]:
-    """One search at config.target_len on `tokens` (the text plan.text names), on `samples` windows
-    (default plan.samples); the plan gives the window seed, resume and progress."""
+    """One search at config.target_len on `tokens` (the texts plan.text names, one tensor per kind), on
+    `samples` windows of each (default plan.samples), minimising ``objective`` (default plan.objective); the
+    plan gives the window seed, the needle documents, resume and progress."""
     samples = samples or plan.samples
+    fitness, measured = make_fitness(
+        ev, plan, _as_list(tokens), config.target_len, samples, objective or plan.objective
+    )
     prov: dict[str, Any] = {
         "source": str(ev.model_dir),
         "metrics": {
@@ -60,11 +72,12 @@ def search_set(
             "samples": samples,
             "window_seed": plan.window_seed,
             "lengths": [config.target_len],
+            **measured,
         },
     }
     search = LongRopeSearch(
         ev.rope.geometry,
-        ppl_fitness(ev, tokens, config.target_len, samples, plan.window_seed),
+        fitness,
         config,
         name=name,
         checkpoint=checkpoint,
@@ -75,7 +88,7 @@ def search_set(
     return search.run(resume=plan.resume, stop_after=stop_after), search
 
 
-def progressive(ev: Evaluator, tokens: torch.Tensor, plan: SearchPlan) -> list[FactorSet]:
+def progressive(ev: Evaluator, tokens: Tokens, plan: SearchPlan) -> list[FactorSet]:
     """A chain of searches, one per length of plan.lengths in increasing order, with plan.long's budget;
     stage k+1 is seeded with PI/NTK/YaRN at its length plus stage k's best λ stretched to it. Stage sets
     (and checkpoints) are named NAME-LENGTH."""
@@ -109,7 +122,7 @@ def given_seeds(plan: SearchPlan, target_len: int) -> list[tuple[str, list[float
 
 def short_readjust(
     ev: Evaluator,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     long_set: FactorSet | None,
     plan: SearchPlan,
     trained_under_long: bool = False,
@@ -133,7 +146,7 @@ def short_readjust(
     # The short set's attention scale: 1 (the model's own) — or, for a model fine-tuned under the long set, that
     # set's, which the model now expects at every position (Phi-3's configs, too, share one attention factor).
     mscale = config.mscale or (long_set.resolved_mscale if trained_under_long and long_set is not None else 1.0)
-    cfg = replace(config, target_len=original, seed_methods=("identity",), high=high, mscale=mscale)
+    cfg = replace(config, target_len=original, seed_methods=("identity",), high=high, mscale=mscale, critical_pair=None)
     stem = f"{plan.name}-short"
     fs, _ = search_set(
         ev,
@@ -144,6 +157,7 @@ def short_readjust(
         checkpoint=plan.checkpoint(stem),
         samples=plan.short_samples,
         extra_seeds=extra,
+        objective="ppl",  # in the window every token is near its context: plain perplexity is the measure
     )
     return fs
 
@@ -171,7 +185,7 @@ def run_search(ev: Evaluator, plan: SearchPlan) -> Iterator[tuple[str, FactorSet
     optional short readjustment, each with its ppl table when plan.table_text is set. Yields
     ``(role, set)`` as each is ready, role ``"stage"`` (a shorter stage of the chain), ``"long"`` or
     ``"short"``, so a caller can write each before the next search starts."""
-    tokens = text_tokens(ev, plan.text)
+    tokens = texts_tokens(ev, plan.text)
     table_tokens = text_tokens(ev, plan.table_text) if plan.table_text else None
     if plan.progressive:
         *stages, long = progressive(ev, tokens, plan)

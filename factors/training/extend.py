@@ -115,6 +115,16 @@ class ExtendPlan:
             "short_samples": s.short_samples,
             "name": s.name,
         }
+        if s.long.critical_pair is None:  # a plan without LongRoPE2's options keeps its identity of before
+            search["long"].pop("critical_pair")
+        if s.objective != "ppl":
+            search["objective"] = {
+                "objective": s.objective,
+                "tasks": list(s.needle_tasks),
+                "depths": s.needle_depths,
+                "samples": s.needle_samples,
+                "template": s.needle_template,
+            }
         return json.loads(
             json.dumps(
                 {
@@ -215,7 +225,7 @@ class ExtendRun:
         if "search" in stages and "search" not in self.done:
             t0 = time.monotonic()
             ev = self.evaluator(self.source)
-            first = progressive(ev, self.tokens(self.source, sp.text), sp)[-1]  # one search, or the chain
+            first = progressive(ev, self.search_tokens(self.source, sp.text), sp)[-1]  # one search, or the chain
             self._save_set(first, "first", into_model=False)
             self._finish("search", t0, set=first.name, ppl=first.provenance.metrics.get("ppl"))
         if "finetune" in stages and "finetune" not in self.done:
@@ -227,7 +237,7 @@ class ExtendRun:
             name = f"{plan.name}-{plan.next_target}"
             nxt, _ = search_set(
                 self.evaluator(self.model_dir),
-                self.tokens(self.model_dir, sp.text),
+                self.search_tokens(self.model_dir, sp.text),
                 sp,
                 plan.next_config,
                 name=name,
@@ -241,10 +251,11 @@ class ExtendRun:
             t0 = time.monotonic()
             short = short_readjust(
                 self.evaluator(self.model_dir),
-                self.tokens(self.model_dir, sp.text),
+                self.search_tokens(self.model_dir, sp.text),
                 self.load("first"),
                 sp,
-                trained_under_long=True,
+                # mixed-window training kept the original RoPE in the window: identity at mscale 1 stays right
+                trained_under_long=plan.finetune.mixed_short == 0,
             )
             self._save_set(short, "short")
             self._finish("short", t0, set=short.name, ppl=short.provenance.metrics.get("ppl"))
@@ -285,6 +296,12 @@ class ExtendRun:
         if key not in self._tokens:
             self._tokens[key] = text_tokens(self.evaluator(model_dir), text)
         return self._tokens[key]
+
+    def search_tokens(self, model_dir: Path, text: str) -> list[Any]:
+        """The token ids of each text of a search's comma-separated list (each kind gives its own windows)."""
+        from factors.search.objective import text_specs
+
+        return [self.tokens(model_dir, spec) for spec in text_specs(text)]
 
     def _finetune(self, fs: FactorSet, folder: Path, checkpoint_dir: Path) -> dict[str, Any]:
         from factors.search.progressive import text_tokens

@@ -4,6 +4,13 @@ The set is applied exactly as the evaluator and the server apply it (``Evaluator
 n̂, mscale, cast once), so a model trained here is served with the same numbers it was trained under.
 
 A plain torch loop: AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping.
+
+Mixed context window training (LongRoPE2, arXiv 2502.20082): with ``mixed_short`` > 0 a fraction of the
+micro-batches are short sequences (the model's own window W) trained under the *original* RoPE, the rest long
+ones (``target_len``) under the set, in the same run — so the model learns the rescaled angles at length
+without unlearning the angles it is served with in the window. With ``task_ratio`` > 0 that fraction of the
+sequences are task documents (``factors.evaluation.tasks``, compact format, a random task and depth, front-
+filled with the window's own text to the exact length): the retrieval the long window is for is trained too.
 Every optimiser step draws its windows from the text with a generator seeded by (seed, step), so the
 data of step k does not depend on what ran before it; with the model and optimiser state in the
 checkpoint (written atomically every ``checkpoint_every`` steps and when the time budget stops the run), a
@@ -19,8 +26,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from factors.evaluation.evaluator import Evaluator
+from factors.baselines import identity_set
+from factors.evaluation.evaluator import Evaluator, FactorSetRotary
+from factors.evaluation.tasks import TASKS
 from factors.formats import MODEL_SETS_DIR, save_json_set
 from factors.schema import FactorSet, FactorSetError
 
@@ -65,6 +76,16 @@ class FinetuneConfig:
     checkpoint_every: int = 25
     time_budget_s: float | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: long windows of real models
+    mixed_short: float = 0.0  # fraction of micro-batches trained short (≤ W) under the original RoPE
+    short_len: int | None = None  # length of those short sequences (default: the model's window W)
+    task_ratio: float = 0.0  # fraction of sequences that are task documents
+    tasks: tuple[str, ...] = TASKS
+    task_text: str | None = None  # haystack text of the task documents (default: text)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether any sequence differs from a plain window under the set (short or task)."""
+        return self.mixed_short > 0 or self.task_ratio > 0
 
     def validate(self) -> None:
         """ValueError when the budget cannot run (checked before any model is loaded)."""
@@ -75,6 +96,14 @@ class FinetuneConfig:
             raise ValueError(f"lr must be > 0 (got {self.lr})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be within [0, 1] (got {self.min_lr_ratio})")
+        for name in ("mixed_short", "task_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be within [0, 1] (got {getattr(self, name)})")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be one or more of {', '.join(TASKS)} (got {list(self.tasks)})")
+        if self.short_len is not None and not 1 <= self.short_len <= self.target_len:
+            raise ValueError(f"short_len must be within [1, target_len] (got {self.short_len})")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine to min_lr_ratio·lr."""
@@ -87,7 +116,13 @@ class FinetuneConfig:
     # the checkpoint must come from the same run: everything but the time budget and the checkpoint rhythm
     def identity(self) -> dict[str, Any]:
         skip = ("time_budget_s", "checkpoint_every", "gradient_checkpointing")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        out = {k: v for k, v in asdict(self).items() if k not in skip}
+        if not self.mixed:  # a plain fine-tune keeps the identity it had before mixed training existed
+            for k in ("mixed_short", "short_len", "task_ratio", "tasks", "task_text"):
+                out.pop(k)
+        else:
+            out["tasks"] = list(self.tasks)
+        return out
 
 
 @dataclass
@@ -96,6 +131,9 @@ class FinetuneState:
     losses: list[float] = field(default_factory=list)  # mean training loss of each step
     elapsed_s: float = 0.0
     stopped_by: str | None = None  # "steps" | "time_budget"
+    long_sequences: int = 0  # sequences trained at target_len under the set
+    short_sequences: int = 0  # sequences trained at short_len under the original RoPE
+    task_documents: int = 0  # of those, task documents
 
 
 def step_windows(tokens: torch.Tensor, config: FinetuneConfig, step: int) -> torch.Tensor:
@@ -109,6 +147,35 @@ def step_windows(tokens: torch.Tensor, config: FinetuneConfig, step: int) -> tor
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - n + 1, (config.micro_batch * config.grad_accum,), generator=g)
     return torch.stack([tokens[s : s + n] for s in starts.tolist()])
+
+
+Batch = tuple[bool, torch.Tensor, int]  # (short, [micro_batch, n + 1] token ids, task documents in it)
+DocMaker = Callable[[torch.Tensor, random.Random], torch.Tensor]
+
+
+def step_batches(
+    tokens: torch.Tensor, config: FinetuneConfig, step: int, short_len: int, task_doc: DocMaker | None = None
+) -> list[Batch]:
+    """The micro-batches of optimiser step ``step``: :func:`step_windows` split by ``micro_batch``; with mixed
+    training each micro-batch is short (its windows cut to ``short_len + 1`` tokens) with probability
+    ``mixed_short``, and each sequence a task document (``task_doc``) with probability ``task_ratio``, drawn
+    from an RNG seeded by (seed, step): the data of step k depends on nothing else."""
+    windows = step_windows(tokens, config, step)
+    if not config.mixed:
+        return [(False, mb, 0) for mb in windows.split(config.micro_batch)]
+    rng = random.Random(f"{config.seed}:{step}:mixture")
+    out = []
+    for mb in windows.split(config.micro_batch):
+        short = rng.random() < config.mixed_short
+        n = (short_len if short else config.target_len) + 1
+        rows, docs = [], 0
+        for w in mb[:, :n]:
+            if task_doc is not None and rng.random() < config.task_ratio:
+                w = task_doc(w, rng)
+                docs += 1
+            rows.append(w)
+        out.append((short, torch.stack(rows), docs))
+    return out
 
 
 class Finetuner:
@@ -137,6 +204,22 @@ class Finetuner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.state = FinetuneState()
+        self.short_len = config.short_len or min(config.target_len, ev.rope.geometry.original_max_len)
+        self._short_rotary: FactorSetRotary | None = None
+        if config.mixed_short > 0:
+            plain = identity_set(ev.rope.geometry, name="original", max_len=self.short_len)
+            self._short_rotary = FactorSetRotary(plain, self.short_len, ev.device)
+
+    def task_doc(self, window: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """A task document of ``window``'s length: a random task at a random depth, front-filled with the
+        window's own first tokens (compact format; loss on every token, as the fixture was pretrained)."""
+        from factors.search.objective import fit_document, haystack_text
+
+        n = window.numel()
+        task = rng.choice(list(self.cfg.tasks))
+        hay = haystack_text(self.cfg.task_text or self.cfg.text)
+        doc = fit_document(self.ev, task, n, rng.random(), hay, rng, "compact", None, "train")
+        return torch.cat([window[: n - doc.ids.numel()], doc.ids])
 
     def loss(self, windows: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a micro-batch, computed over chunks of the last hidden states (so the
@@ -175,16 +258,28 @@ class Finetuner:
             )
         t0 = time.monotonic() - st.elapsed_s
         try:
+            long_rotary = self.ev.base.rotary_emb
             while st.step < cfg.steps:
-                windows = step_windows(self.tokens, cfg, st.step)
+                batches = step_batches(
+                    self.tokens, cfg, st.step, self.short_len, self.task_doc if cfg.task_ratio > 0 else None
+                )
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.lr_at(st.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for micro in windows.split(cfg.micro_batch):
-                    loss = self.loss(micro) / cfg.grad_accum
-                    loss.backward()
+                for short, micro, docs in batches:
+                    # short sequences under the original RoPE, long ones under the set (LongRoPE2's mixed windows)
+                    self.ev.base.rotary_emb = self._short_rotary if short and self._short_rotary else long_rotary
+                    try:
+                        loss = self.loss(micro) / cfg.grad_accum
+                        loss.backward()
+                    finally:
+                        self.ev.base.rotary_emb = long_rotary
                     step_loss += float(loss.detach())
+                    rows = micro.shape[0]
+                    st.short_sequences += rows if short else 0
+                    st.long_sequences += 0 if short else rows
+                    st.task_documents += docs
                 if not math.isfinite(step_loss):
                     raise FactorSetError(f"training loss is {step_loss} at step {st.step}; lower --lr")
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -258,7 +353,7 @@ class Finetuner:
             "steps": st.step,
             "steps_planned": cfg.steps,
             "windows_per_step": cfg.micro_batch * cfg.grad_accum,
-            "tokens_trained": st.step * cfg.micro_batch * cfg.grad_accum * cfg.target_len,
+            "tokens_trained": st.long_sequences * cfg.target_len + st.short_sequences * self.short_len,
             "losses": [round(x, 6) for x in st.losses],
             "first_loss": st.losses[0] if st.losses else None,
             "last_loss": st.losses[-1] if st.losses else None,
@@ -267,6 +362,26 @@ class Finetuner:
             "device": str(self.ev.device),
             "dtype": str(self.ev.dtype).removeprefix("torch."),
             "config": asdict(cfg),
+            "mixed": self.mixed_record(),
+        }
+
+    def mixed_record(self) -> dict[str, Any] | None:
+        """What mixed context window training did (None for a plain fine-tune)."""
+        cfg, st = self.cfg, self.state
+        if not cfg.mixed:
+            return None
+        return {
+            "short_fraction": cfg.mixed_short,
+            "short_len": self.short_len,
+            "short_rope": "original (λ = 1, mscale 1)",
+            "long_len": cfg.target_len,
+            "long_rope": self.fs.name,
+            "short_sequences": st.short_sequences,
+            "long_sequences": st.long_sequences,
+            "task_fraction": cfg.task_ratio,
+            "tasks": list(cfg.tasks),
+            "task_text": cfg.task_text or cfg.text,
+            "task_documents": st.task_documents,
         }
 
     def save(self, out: str | Path) -> Path:

@@ -59,3 +59,20 @@ def test_search_command_progressive_short_table_and_resume(tmp_path: Path, capsy
         first, second = json.loads((out / f).read_text()), json.loads((again / f).read_text())
         assert (first["factors"], first["n_hat"]) == (second["factors"], second["n_hat"])
         assert first["provenance"]["metrics"]["history"] == second["provenance"]["metrics"]["history"]
+
+
+def test_search_command_needle_ppl_with_critical_dim_on_two_kinds_of_text(tmp_path: Path) -> None:
+    """LongRoPE2's search from the command line: needle-driven perplexity on documents from two text kinds,
+    the pairs past the critical one (auto: 11 on this model) interpolated by at least s = 4."""
+    out = tmp_path / "needle.json"
+    argv = ["search", "--model", str(MODEL), "--threads", "1", "--target-len", "512", "--objective", "needle-ppl"]
+    argv += ["--critical-dim", "auto", "--text", "stdlib:search", "--text", "stdlib:heldout"]
+    argv += ["--needle-tasks", "niah_single", "--needle-depths", "2", "--population", "3", "--parents", "2"]
+    argv += ["--mutations", "1", "--crossovers", "1", "--generations", "1", "--no-progress", "-o", str(out)]
+    assert main(argv) == 0
+    fs = load_json_set(out, monotone="reject")
+    m = fs.provenance.metrics
+    assert m["objective"] == "needle-ppl" and m["data"] == "stdlib:search,stdlib:heldout"
+    assert m["needle"]["kinds"] == ["stdlib:search", "stdlib:heldout"] and m["needle"]["documents"] == 4
+    assert m["critical_pair"] == 11 and m["critical_floor"] == 4.0
+    assert min(fs.factors[11:]) >= 4.0 and m["ppl"] <= min(m["seed_ppl"].values())

@@ -121,3 +121,27 @@ def test_a_folder_is_never_mixed_with_another_run(
     assert "not empty" in capsys.readouterr().err
     # a finished run resumed does nothing more and says what it did
     assert _extend(uninterrupted, "--resume") == 0
+
+
+def test_extend_the_longrope2_way(tmp_path: Path) -> None:
+    """extend with needle-driven search, the critical-dimension constraint and mixed-window fine-tuning: each
+    reaches its stage (the sets' provenance, finetune.json), and the short readjustment of a model that kept
+    the original RoPE in its window keeps mscale 1 and does not seed with the long λ itself."""
+    out = tmp_path / "run"
+    argv = ["extend", "--model", str(MODEL), "--threads", "1", "--target-len", "256", "--next-target", "512"]
+    argv += ["--objective", "needle-ppl", "--critical-dim", "auto", "--text", "stdlib:search,stdlib:heldout"]
+    argv += ["--needle-tasks", "niah_single", "--needle-depths", "2", "--samples", "1", "--population", "2"]
+    argv += ["--parents", "1", "--mutations", "1", "--crossovers", "0", "--generations", "0"]
+    argv += ["--short-population", "2", "--short-parents", "1", "--ft-steps", "1", "--ft-grad-accum", "4"]
+    argv += ["--ft-mixed-window", "0.5", "--ft-task-ratio", "0.5", "--ft-text", "stdlib:search"]
+    argv += ["--skip", "compare,report", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    first, nxt, short = (load_json_set(out / "sets" / f"longrope-{t}.json") for t in ("256", "512", "short"))
+    for fs, s in ((first, 2.0), (nxt, 4.0)):
+        assert fs.provenance.metrics["objective"] == "needle-ppl" and fs.provenance.metrics["critical_pair"] == 11
+        assert min(fs.factors[11:]) >= s
+    assert short.provenance.metrics["objective"] == "ppl" and short.resolved_mscale == 1.0
+    assert set(short.provenance.metrics["seed_ppl"]) == {"identity", "long^0.5", "long^0.25"}
+    record = json.loads((out / "model" / "finetune.json").read_text())
+    assert record["mixed"]["short_len"] == 128 and record["mixed"]["short_sequences"] > 0
+    assert json.loads((out / "extend.json").read_text())["plan"]["search"]["objective"]["objective"] == "needle-ppl"
