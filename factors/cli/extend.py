@@ -92,7 +92,7 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "") -> Any:
-    from factors.training.finetune import FinetuneConfig
+    from factors.training.plan import FinetuneConfig
 
     def get(name: str) -> Any:
         return getattr(args, (prefix + name).replace("-", "_"))

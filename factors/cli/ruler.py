@@ -18,8 +18,8 @@ from typing import Any
 
 from factors.cli.args import DefaultsHelpFormatter, add_model_options, int_list, name_list
 from factors.evaluation.corpus import KINDS, SPLITS
-from factors.evaluation.ruler import PLAIN, Prediction, build_suite, format_table, load_haystack, records
-from factors.evaluation.tasks import TASKS, TEMPLATES, TaskPrompt
+from factors.evaluation.ruler import PLAIN, Prediction, format_table, load_haystack, records
+from factors.evaluation.tasks import TASKS, TEMPLATES, TaskPrompt, make_suite
 from factors.schema import FactorSet, FactorSetError
 
 HAYSTACK_HELP = (
@@ -109,7 +109,7 @@ def suite_from_args(args: argparse.Namespace, measure: Callable[[str], int] | No
     """The prompts the suite options describe; FactorSetError saying what is wrong."""
     try:
         haystack = load_haystack(args.haystack)
-        return build_suite(
+        return make_suite(
             args.tasks, args.lengths, args.depths, args.samples, haystack, args.seed, args.template, measure
         )
     except FactorSetError:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from factors.evaluation.corpus import text_source
-from factors.evaluation.tasks import TaskPrompt, clean_haystack, is_correct, make_suite
+from factors.evaluation.tasks import TaskPrompt, clean_haystack, is_correct
 
 if TYPE_CHECKING:
     from factors.evaluation.evaluator import Evaluator
@@ -55,23 +55,6 @@ def load_haystack(spec: str) -> str:
     """The cleaned haystack text of ``FILE`` or ``stdlib:SPLIT`` (or any kind ``corpus.text_source`` reads),
     read the same way offline and served so both build the same prompts."""
     return clean_haystack(text_source(spec, max_chars=HAYSTACK_CHARS))
-
-
-def build_suite(
-    tasks: Sequence[str],
-    lengths: Sequence[int],
-    depths: int | Sequence[float],
-    samples: int,
-    haystack: str,
-    seed: int,
-    template: str = "compact",
-    measure: Callable[[str], int] | None = None,
-) -> list[TaskPrompt]:
-    """The suite's prompts (``tasks.make_suite``), ValueError naming what is wrong (unknown task, a length
-    too short for the needles, a haystack too short)."""
-    if samples < 1:
-        raise ValueError(f"samples must be ≥ 1, got {samples}")
-    return make_suite(tasks, lengths, depths, samples, haystack, seed, template=template, measure=measure)
 
 
 def sample_indices(prompts: Sequence[TaskPrompt]) -> list[int]:

@@ -37,7 +37,8 @@ from factors.baselines import make_baseline
 from factors.formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json_set
 from factors.schema import FactorSet, FactorSetError
 from factors.search.evolution import SearchConfig, SearchPlan
-from factors.training.finetune import FinetuneConfig, Finetuner
+from factors.training.finetune import Finetuner
+from factors.training.plan import FinetuneConfig
 
 logger = logging.getLogger("longrope.extend")
 

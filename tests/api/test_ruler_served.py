@@ -16,8 +16,8 @@ import pytest
 from api.conftest import RunningServer, start_server
 
 from factors.baselines import make_baseline
-from factors.evaluation.ruler import Prediction, build_suite, load_haystack, predict_offline, records
-from factors.evaluation.tasks import TASKS
+from factors.evaluation.ruler import Prediction, load_haystack, predict_offline, records
+from factors.evaluation.tasks import TASKS, make_suite
 from factors.formats import read_model_rope, save_json_set
 from factors.schema import FactorSet
 
@@ -75,7 +75,7 @@ def test_routed_suite_served_equals_offline(
     assert main([*argv, "--concurrency", "4"]) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     preds = [Prediction(**json.loads(line)) for line in file.read_text().splitlines()]
-    prompts = build_suite(TASKS, LENGTHS, 3, 1, load_haystack("stdlib:heldout"), 3)
+    prompts = make_suite(TASKS, LENGTHS, 3, 1, load_haystack("stdlib:heldout"), 3)
     assert [(p.task, p.length, p.depth, p.answer) for p in preds] == [
         (p.task, p.length, p.depth, p.answer) for p in prompts
     ]
@@ -95,7 +95,7 @@ def test_routed_suite_served_equals_offline(
 def test_named_sets_served_equal_offline(served: RunningServer, sets, evaluator) -> None:
     from clients.ruler import served_predictions
 
-    prompts = build_suite(["niah_single", "vt"], LENGTHS[:2], [0.0, 1.0], 1, load_haystack("stdlib:heldout"), 4)
+    prompts = make_suite(["niah_single", "vt"], LENGTHS[:2], [0.0, 1.0], 1, load_haystack("stdlib:heldout"), 4)
     names = [f"yarn-{4 * W}", f"yarn-{2 * W}"]  # windows routing would not pick for the shortest prompts
     preds = served_predictions(served.base, "tiny", prompts, names, concurrency=4, progress=False)
     assert [p.set for p in preds] == [n for n in names for _ in prompts]
@@ -104,7 +104,7 @@ def test_named_sets_served_equal_offline(served: RunningServer, sets, evaluator)
     from clients.ruler import token_counter
 
     count = token_counter(served.base, "tiny")
-    english = build_suite(["niah_single"], LENGTHS[2:], [0.5], 1, load_haystack("stdlib:heldout"), 4, "english", count)
+    english = make_suite(["niah_single"], LENGTHS[2:], [0.5], 1, load_haystack("stdlib:heldout"), 4, "english", count)
     assert count(english[0].prompt) <= LENGTHS[2] and "Question:" in english[0].prompt
     got = served_predictions(served.base, "tiny", english, [f"yarn-{4 * W}"], progress=False)
     assert got == _offline(evaluator, sets, got, english)

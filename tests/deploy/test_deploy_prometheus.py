@@ -65,16 +65,16 @@ def server(tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathF
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def prometheus(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def start_prometheus(target: str, work: Path) -> Prometheus:
+    """Start Debian's prometheus on loopback with deploy/prometheus.yml aimed at ``target`` (the caller waits for
+    what it needs: the target up, or /-/ready)."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("Debian's 'prometheus' is not on PATH; `make test` installs it (scripts/install-test-tools.sh)")
-    work = tmp_path_factory.mktemp("prometheus")
     config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config_for(server.base.removeprefix("http://"))))
-    port = free_port()
+    config.write_text(yaml.safe_dump(scrape_config_for(target)))
     log = work / "prometheus.log"
+    port = free_port()
     with log.open("w") as fh:
         proc = subprocess.Popen(
             [
@@ -87,7 +87,13 @@ def prometheus(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) 
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
-    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+    return Prometheus(f"http://127.0.0.1:{port}", proc, log)
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    prom = start_prometheus(server.base.removeprefix("http://"), tmp_path_factory.mktemp("prometheus"))
+    proc, log = prom.proc, prom.log
     try:
         deadline = time.monotonic() + 60
         while True:

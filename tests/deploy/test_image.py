@@ -30,7 +30,7 @@ import openai
 import pytest
 import yaml
 from deploy_files import REPO
-from test_deploy_prometheus import Prometheus, scrape_config_for
+from test_deploy_prometheus import start_prometheus
 
 from clients.launch import free_port
 from server.protocol import FACTOR_SET_HEADER, FACTOR_SET_XARG
@@ -244,30 +244,6 @@ def test_completion_and_hot_load(deployment: Deployment) -> None:
     assert loaded.status_code == 201, loaded.text
     assert [(s["name"], s["version"]) for s in loaded.json()["data"]] == [(HOT_SET, 1)]
     assert served_set(client, **{FACTOR_SET_XARG: HOT_SET}) == f"{HOT_SET}@1"
-
-
-def start_prometheus(target: str, work: Path) -> Prometheus:
-    """Debian's prometheus on loopback with deploy/prometheus.yml aimed at ``target``; returns once it is up."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("Debian's 'prometheus' is not on PATH; `make test-tools` installs it")
-    config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config_for(target)))
-    log = work / "prometheus.log"
-    port = free_port()
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    return Prometheus(f"http://127.0.0.1:{port}", proc, log)
 
 
 @live

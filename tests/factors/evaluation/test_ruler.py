@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from factors.cli.main import main
-from factors.evaluation.ruler import Prediction, answer_budget, build_suite, format_table, load_haystack, records
+from factors.evaluation.ruler import Prediction, answer_budget, format_table, load_haystack, records
+from factors.evaluation.tasks import make_suite
 from factors.formats import load_json_set
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -57,7 +58,7 @@ def test_records_predictions_heatmap_and_determinism(tmp_path: Path, capsys: pyt
     # its own float64 rotary, no KV cache, one prompt at a time) gives the same bytes
     from engine_harness import TorchReference
 
-    prompts = build_suite(["niah_single", "vt"], [96, 160], 3, 2, load_haystack("stdlib:heldout"), 5)
+    prompts = make_suite(["niah_single", "vt"], [96, 160], 3, 2, load_haystack("stdlib:heldout"), 5)
     ref, yarn = TorchReference(str(MODEL)), load_json_set(YARN)
     by_set = {"plain": ([1.0] * len(yarn.factors), 0, 1.0), "yarn": (yarn.factors, yarn.n_hat, yarn.resolved_mscale)}
     for k in (0, 7, 23, 24, 40, 47):  # both sets, both tasks, both lengths

@@ -14,7 +14,8 @@ import torch
 from factors.cli.main import main
 from factors.formats import MODEL_SETS_DIR, load_json_set, model_set_files
 from factors.schema import FactorSetError
-from factors.training.finetune import FinetuneConfig, Finetuner, step_windows
+from factors.training.finetune import Finetuner
+from factors.training.plan import FinetuneConfig, step_windows
 
 ROOT = Path(__file__).resolve().parents[3]
 MODEL = ROOT / "factors" / "data" / "tiny-short" / "model"
@@ -132,7 +133,7 @@ def test_mixed_batches_are_short_under_the_original_rope_and_hold_task_documents
     the set, task documents among both; recorded in finetune.json; a resumed run equals the uninterrupted one."""
     from factors.evaluation.evaluator import Evaluator
     from factors.search.progressive import text_tokens
-    from factors.training.finetune import step_batches
+    from factors.training.plan import step_batches
 
     torch.use_deterministic_algorithms(True)
     ev = Evaluator(MODEL, threads=1)
