@@ -58,9 +58,16 @@ def scrape_config_for(target: str) -> dict:
     return config
 
 
+SPECULATION = [
+    "--speculative-config",
+    json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}),
+]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, set_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    srv = start_server(tiny_llama, set_files, tmp_path_factory.mktemp("deploy-server"))
+    # ngram speculation on, so the dashboard's speculative-decoding panels have series to show
+    srv = start_server(tiny_llama, set_files, tmp_path_factory.mktemp("deploy-server"), extra_args=SPECULATION)
     yield srv
     srv.stop()
 
@@ -159,9 +166,13 @@ def send_traffic(base: str, prometheus: Prometheus) -> dict[str, int]:
     assert r.status_code == 201, r.text
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
 
-    def complete(length: int, max_tokens: int = 8, **extra: object) -> str:
+    def complete(length: int, max_tokens: int = 8, prompt: list[int] | None = None, **extra: object) -> str:
         raw = client.completions.with_raw_response.create(
-            model="tiny", prompt=ids_of(length, length), max_tokens=max_tokens, temperature=0, extra_body=extra or None
+            model="tiny",
+            prompt=prompt or ids_of(length, length),
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body=extra or None,
         )
         return raw.headers["x-longrope-factor-set"].split("@")[0]
 
@@ -178,6 +189,8 @@ def send_traffic(base: str, prometheus: Prometheus) -> dict[str, int]:
         assert any(chunk.choices and chunk.choices[0].delta.content is not None for chunk in stream)
         # Generation past the smallest set's window (256): the request moves up (policy ``upgrade``).
         served.append(complete(200, max_tokens=100, vllm_xargs={"longrope_policy": "upgrade"}, ignore_eos=True))
+        # A prompt that repeats one span: prompt lookup drafts from it (the speculative-decoding panels).
+        served.append(complete(0, max_tokens=24, prompt=ids_of(30, 7) * 4, ignore_eos=True))
         # prompt + max_tokens beyond the largest window (2048): refused at admission, reason too_long.
         with pytest.raises(openai.BadRequestError, match="exceeds the largest factor set window"):
             client.completions.create(model="tiny", prompt=ids_of(100, 1), max_tokens=2000)
