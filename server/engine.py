@@ -98,9 +98,17 @@ class LongRopeEngine(SetCatalogue):
         self.engine.shutdown(*args, **kwargs)
 
     # -- requests
-    def assign(self, prompt_tokens: int, max_tokens: int | None, policy: str | None = None, n: int = 1) -> Assignment:
-        """The set a request would get now (see :meth:`server.admission.Admission.assign`)."""
-        return self.admission.assign(prompt_tokens, max_tokens, policy, n)
+    def assign(
+        self,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        policy: str | None = None,
+        n: int = 1,
+        factor_set: object = None,
+    ) -> Assignment:
+        """The set a request would get now, the one it names included (see
+        :meth:`server.admission.Admission.assign`)."""
+        return self.admission.assign(prompt_tokens, max_tokens, policy, n, factor_set)
 
     async def generate(
         self,
