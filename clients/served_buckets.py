@@ -18,6 +18,9 @@ from server.protocol import POLICY_XARG
 SERVERS = ("longrope-serve", "stock-long", "stock-short")
 SERVED_NAME = "model"
 NLL_TEXT_CHARS = 2_000_000
+# Two servers applying the same angles differ only by fp32 rounding (float64 per-step cos/sin here, vLLM's
+# cached fp32 table there): measured 1e-6 to 5e-6 nats per token on 65k-token buckets. Closer than this is equal.
+NLL_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -140,8 +143,9 @@ class Runner:
 
 def summarise(buckets: list[Bucket]) -> dict[str, Any]:
     """Per bucket and stock configuration: accuracy and NLL differences (longrope-serve − stock) and whether
-    longrope-serve is at least as good on both (NLL: lower or equal; a stock NLL of None is a refusal)."""
-    verdict: dict[str, Any] = {"ok": True, "buckets": []}
+    longrope-serve is at least as good on both (NLL: lower, or equal within NLL_TOLERANCE; a stock NLL of None
+    is a refusal)."""
+    verdict: dict[str, Any] = {"ok": True, "nll_tolerance": NLL_TOLERANCE, "buckets": []}
     for b in buckets:
         ours = b.cells["longrope-serve"]
         row: dict[str, Any] = {"length": b.length, "in_window": b.in_window}
@@ -151,7 +155,7 @@ def summarise(buckets: list[Bucket]) -> dict[str, Any]:
             st = b.cells[who]
             acc_gain = ours.accuracy - st.accuracy
             nll_gain = None if ours.nll is None or st.nll is None else st.nll - ours.nll
-            ok = acc_gain >= 0 and ours.nll is not None and (st.nll is None or nll_gain >= -1e-9)
+            ok = acc_gain >= 0 and ours.nll is not None and (st.nll is None or nll_gain >= -NLL_TOLERANCE)
             row[who] = {"accuracy_gain": acc_gain, "nll_gain": nll_gain, "ok": ok}
             verdict["ok"] &= ok
         verdict["buckets"].append(row)

@@ -121,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--long-samples", type=int, help="prompts per task and depth in buckets above --cheap-until (default --samples)"
     )
     p.add_argument("--cheap-until", type=int, default=4096, help="see --long-samples")
-    p.add_argument("--nll-windows", type=int, default=4, help="held-out text windows per bucket")
+    p.add_argument("--nll-windows", type=int, default=4, help="held-out text windows per bucket (at least)")
+    p.add_argument(
+        "--nll-tokens",
+        type=int,
+        default=65536,
+        help="at least this many NLL tokens per bucket: more windows where they are short (a bucket's NLL is"
+        " then as precise as another's)",
+    )
     p.add_argument("--haystack", default="licenses:heldout+copyright:heldout", help="text the needles hide in")
     p.add_argument("--nll-text", default="licenses:heldout+copyright:heldout", help="text of the NLL windows")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and windows")
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{who} up ({logfile})")
             if not windows:
                 ids = tokenize(url, text_source(args.nll_text, max_chars=NLL_TEXT_CHARS))
-                windows = {n: nll_windows(ids, n, args.nll_windows, args.seed) for n in lengths}
+                count = {n: max(args.nll_windows, -(-args.nll_tokens // n)) for n in lengths}
+                windows = {n: nll_windows(ids, n, count[n], args.seed) for n in lengths}
             t0 = time.monotonic()
             Runner(url, who == "longrope-serve", args.concurrency, args.timeout).run(
                 prompts, windows, buckets, who, log
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "long_samples": args.long_samples,
             "cheap_until": args.cheap_until,
             "nll_windows": args.nll_windows,
+            "nll_tokens": args.nll_tokens,
             "haystack": args.haystack,
             "nll_text": args.nll_text,
             "seed": args.seed,

@@ -73,6 +73,8 @@ def test_verdict_needs_accuracy_and_nll_in_every_bucket() -> None:
     v = summarise([good, long])
     assert v["ok"] and v["buckets"][1]["stock-short"]["nll_gain"] is None
     assert v["buckets"][0]["stock-long"]["nll_gain"] == pytest.approx(0.2)
+    rounding = Bucket(900, False, {"longrope-serve": _cell(3, 2.50001), "stock-long": _cell(3, 2.5)})
+    assert summarise([rounding])["ok"]  # the same set on both: equal within fp32 rounding of the angles
     worse = Bucket(900, False, {"longrope-serve": _cell(3, 2.6), "stock-long": _cell(2, 2.5)})
     assert not summarise([good, worse])["ok"]  # better accuracy, worse NLL: not at least as good
     fewer = Bucket(900, False, {"longrope-serve": _cell(1, 2.0), "stock-long": _cell(2, 2.5)})
@@ -83,7 +85,20 @@ def test_verdict_needs_accuracy_and_nll_in_every_bucket() -> None:
 def test_three_servers_side_by_side(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "clients.side_by_side", "--model", str(folder), "--lengths", f"{W - 32},{3 * W}"]
-    cmd += ["--tasks", "niah_single", "--depths", "3", "--samples", "1", "--nll-windows", "2", "--json", str(out)]
+    cmd += [
+        "--tasks",
+        "niah_single",
+        "--depths",
+        "3",
+        "--samples",
+        "1",
+        "--nll-windows",
+        "2",
+        "--nll-tokens",
+        "2048",
+        "--json",
+        str(out),
+    ]
     cmd += ["--work", str(tmp_path / "work")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert done.returncode in (0, 1), done.stderr[-3000:]

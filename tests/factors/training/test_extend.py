@@ -125,8 +125,8 @@ def test_a_folder_is_never_mixed_with_another_run(
 
 def test_extend_the_longrope2_way(tmp_path: Path) -> None:
     """extend with needle-driven search, the critical-dimension constraint and mixed-window fine-tuning: each
-    reaches its stage (the sets' provenance, finetune.json), and the short readjustment of a model that kept
-    the original RoPE in its window keeps mscale 1 and does not seed with the long λ itself."""
+    reaches its stage (the sets' provenance, finetune.json), and the short tier of a model that kept the
+    original RoPE in its window is that RoPE (λ = 1, n̂ = 0, mscale 1), as LongRoPE2 keeps it."""
     out = tmp_path / "run"
     argv = ["extend", "--model", str(MODEL), "--threads", "1", "--target-len", "256", "--next-target", "512"]
     argv += ["--objective", "needle-ppl", "--critical-dim", "auto", "--text", "stdlib:search,stdlib:heldout"]
@@ -140,8 +140,9 @@ def test_extend_the_longrope2_way(tmp_path: Path) -> None:
     for fs, s in ((first, 2.0), (nxt, 4.0)):
         assert fs.provenance.metrics["objective"] == "needle-ppl" and fs.provenance.metrics["critical_pair"] == 11
         assert min(fs.factors[11:]) >= s
-    assert short.provenance.metrics["objective"] == "ppl" and short.resolved_mscale == 1.0
-    assert set(short.provenance.metrics["seed_ppl"]) == {"identity", "long^0.5", "long^0.25"}
+    assert short.factors == [1.0] * len(first.factors) and short.n_hat == 0 and short.resolved_mscale == 1.0
+    assert short.max_len == 128 and "mixed context window" in short.provenance.notes
+    assert (out / "model" / "longrope-sets" / "longrope-short.json").exists()
     record = json.loads((out / "model" / "finetune.json").read_text())
     assert record["mixed"]["short_len"] == 128 and record["mixed"]["short_sequences"] > 0
     assert json.loads((out / "extend.json").read_text())["plan"]["search"]["objective"]["objective"] == "needle-ppl"
