@@ -3,7 +3,8 @@
 1. ``search``   — search the first target on the source model, without fine-tuning (a progressive chain if
                   the plan has stages);
 2. ``finetune`` — fine-tune the source model at that length under the searched set;
-3. ``next``     — search the next target on the fine-tuned model, seeded with the first set stretched;
+3. ``next``     — search the next target on the fine-tuned model, seeded with the first set stretched and
+                  with it extended only where it never turned a full circle (``critical.turned_seed``);
 4. ``short``    — readjust the short set for the fine-tuned model at the model's own window (after mixed
                   context window training: the model's own RoPE, which that training kept in the window);
 5. ``compare``  — optionally fine-tune the source model with the same budget under a baseline (e.g. YaRN
@@ -218,6 +219,7 @@ class ExtendRun:
     # -- stages ------------------------------------------------------------------------------------
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+        from factors.search.critical import turned_seed
         from factors.search.evolution import scaled_seed
         from factors.search.progressive import progressive, search_set, short_readjust
 
@@ -237,6 +239,7 @@ class ExtendRun:
         if "next" in stages and "next" not in self.done:
             t0 = time.monotonic()
             name = f"{plan.name}-{plan.next_target}"
+            first = self.load("first")
             nxt, _ = search_set(
                 self.evaluator(self.model_dir),
                 self.search_tokens(self.model_dir, sp.text),
@@ -245,7 +248,7 @@ class ExtendRun:
                 name=name,
                 checkpoint=sp.checkpoint(name),
                 samples=plan.next_samples or sp.samples,
-                extra_seeds=[scaled_seed(self.load("first"), plan.next_target)],
+                extra_seeds=[scaled_seed(first, plan.next_target), turned_seed(first, plan.next_target)],
             )
             self._save_set(nxt, "next")
             self._finish("next", t0, set=nxt.name, ppl=nxt.provenance.metrics.get("ppl"))

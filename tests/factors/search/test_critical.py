@@ -18,6 +18,7 @@ from factors.search.critical import (
     resolve_critical_pair,
     satisfies,
     theoretical_critical_pair,
+    turned_seed,
 )
 from factors.search.evolution import LongRopeSearch, SearchConfig, is_valid
 
@@ -112,3 +113,19 @@ def test_cli_refuses_a_bad_critical_dim(capsys: pytest.CaptureFixture[str]) -> N
     assert "auto (the theoretical critical pair" in capsys.readouterr().err
     assert main(["search", "--model", str(TINY), "--target-len", "256", "--critical-dim", "40"]) == 2
     assert "beyond the model's 32 RoPE pairs" in capsys.readouterr().err
+
+
+def test_turned_seed_extends_only_the_pairs_that_never_turned_a_full_circle() -> None:
+    """YaRN's rule applied to a fine-tuned set: a pair whose angle passed 2π within the set's window keeps its
+    λ, every other pair is interpolated further by the window ratio; n̂ stays."""
+    from factors.baselines import make_baseline
+
+    geo = read_model_rope(TINY).geometry  # rotary_dim 64, base 10000, window 128
+    fs = make_baseline("yarn", geo, 1024).model_copy(update={"n_hat": 4})
+    name, lam, n_hat = turned_seed(fs, 8192)
+    assert name == "turned-1024" and n_hat == 4
+    turned = [2 * math.pi * f / geo.rope_theta ** (-2 * i / 64) <= 1024 for i, f in enumerate(fs.factors)]
+    assert 0 < sum(turned) < len(turned)  # both kinds of pair occur
+    for f, new, kept in zip(fs.factors, lam, turned, strict=True):
+        assert new == pytest.approx(f if kept else 8 * f)
+    assert all(b >= a for a, b in zip(lam, lam[1:], strict=False))  # still non-decreasing

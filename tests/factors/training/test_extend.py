@@ -70,6 +70,7 @@ def test_every_stage_writes_its_result(uninterrupted: Path) -> None:
     ]
     first, nxt, short = (load_json_set(out / "sets" / f"longrope-{t}.json") for t in ("256", "512", "short"))
     assert "from-256" in nxt.provenance.metrics["seed_ppl"]  # the next search is seeded with the first set, stretched
+    assert "turned-256" in nxt.provenance.metrics["seed_ppl"]  # and extended only where it never turned a circle
     # the short readjustment of a model fine-tuned under the first set: its λ is a seed, its mscale is kept
     assert set(short.provenance.metrics["seed_ppl"]) == {"identity", "long", "long^0.5", "long^0.25"}
     assert short.max_len == 128 and short.resolved_mscale == first.resolved_mscale > 1
