@@ -32,7 +32,7 @@ from typing import Any
 from factors.evaluation.corpus import text_source
 from factors.evaluation.ruler import answer_budget, load_haystack
 from factors.evaluation.tasks import TASKS, TaskPrompt, make_suite
-from factors.formats import MODEL_SETS_DIR, expand_set_paths, hf_config_from_sets, load_any, read_model_rope
+from factors.formats import MODEL_SETS_DIR, hf_config_from_sets, load_set_paths, model_set_files, read_model_rope
 from factors.schema import FactorSet
 
 from .launch import free_port, launch, stop, wait_healthy
@@ -53,8 +53,7 @@ from .served_buckets import (
 
 def model_sets(model_dir: Path) -> list[FactorSet]:
     """The sets in a model folder's ``longrope-sets/``, smallest window first."""
-    paths = expand_set_paths([Path(model_dir) / MODEL_SETS_DIR])
-    sets = [fs for p in paths for fs in load_any(p)]
+    sets = load_set_paths(model_set_files(model_dir))
     if not sets:
         raise SystemExit(f"error: {model_dir}/{MODEL_SETS_DIR} holds no factor sets")
     return sorted(sets, key=lambda fs: fs.max_len)

@@ -22,7 +22,7 @@ from typing import Any
 from factors.evaluation.evaluator import Evaluator
 from factors.evaluation.ruler import answer_budget, load_haystack, plain_set, predict_offline, records
 from factors.evaluation.tasks import make_suite
-from factors.formats import load_any, read_model_rope
+from factors.formats import load_any, load_set_paths, model_set_files, read_model_rope
 from factors.schema import FactorSet
 from factors.search.progressive import text_tokens
 
@@ -76,9 +76,7 @@ def cmd_noft(args: argparse.Namespace) -> None:
 
 
 def tiers(folder: Path) -> list[FactorSet]:
-    return sorted(
-        (fs for p in sorted((folder / "longrope-sets").glob("*.json")) for fs in load_any(p)), key=lambda fs: fs.max_len
-    )
+    return sorted(load_set_paths(model_set_files(folder)), key=lambda fs: fs.max_len)
 
 
 def routed(sets: list[FactorSet], need: int) -> FactorSet:
