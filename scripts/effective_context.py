@@ -25,6 +25,7 @@ from factors.evaluation.tasks import make_suite
 from factors.formats import load_any, load_set_paths, model_set_files, read_model_rope
 from factors.schema import FactorSet
 from factors.search.progressive import text_tokens
+from server.policy import AdmissionPolicy, RequestTooLong, SetTable
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "factors" / "data" / "tiny-retrieval" / "model"
@@ -80,9 +81,13 @@ def tiers(folder: Path) -> list[FactorSet]:
 
 
 def routed(sets: list[FactorSet], need: int) -> FactorSet:
-    """The server's automatic routing: the smallest set whose window holds the prompt and its answer;
-    past the largest window, the largest set (measured past its target)."""
-    return next((fs for fs in sets if fs.max_len >= need), sets[-1])
+    """longrope-serve's automatic routing (``server.policy``, policy ``reserve``): the smallest set whose window
+    holds ``need`` tokens, prompt and answer; past the largest window, where the server refuses, the largest
+    set (measured past its target)."""
+    try:
+        return AdmissionPolicy().assign(SetTable(tuple(sets)), need - 1, 1, "reserve").set
+    except RequestTooLong:
+        return max(sets, key=lambda fs: fs.max_len)
 
 
 def cmd_ft(args: argparse.Namespace) -> None:
@@ -118,7 +123,8 @@ def cmd_ft(args: argparse.Namespace) -> None:
         save()
         for n in args.lengths:
             fs = routed(sets, n)
-            k = max(1, args.samples * 8192 // max(n, 8192))  # fewer prompts per cell past 32W: minutes each
+            # past 8W --long-samples, fewer again past 32W: one 32k prompt takes half a minute on a core
+            k = args.samples if n <= 8 * w else max(1, args.long_samples * 8192 // max(n, 8192))
             tasks = ["niah_single", "niah_multikey"] if n <= 16384 else ["niah_single"]
             prompts = suite(tasks, n - 32, k)
             assert all(p.length + answer_budget(p.answer) <= max(n, fs.max_len) for p in prompts)
@@ -178,6 +184,9 @@ def main() -> None:
     b.add_argument("--model", type=labelled, action="append", default=[], help="LABEL=DIR of a fine-tuned model")
     b.add_argument("--base", action="store_true", help="also the base fixture in the window")
     b.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096, 8192, 16384, 32768])
+    b.add_argument(
+        "--long-samples", type=int, default=4, help="prompts per task and depth past 8W (halved per doubling past 32W)"
+    )
     b.set_defaults(func=cmd_ft)
     c = sub.add_parser("table")
     c.add_argument("--png-dir", type=Path)
