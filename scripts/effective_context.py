@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clients.side_by_side import model_sets
 from factors.evaluation.evaluator import Evaluator
 from factors.evaluation.ruler import answer_budget, load_haystack, plain_set, predict_offline, records
 from factors.evaluation.tasks import make_suite
-from factors.formats import load_any, load_set_paths, model_set_files, read_model_rope
+from factors.formats import load_any, read_model_rope
 from factors.schema import FactorSet
 from factors.search.progressive import text_tokens
 from server.policy import AdmissionPolicy, RequestTooLong, SetTable
@@ -76,10 +77,6 @@ def cmd_noft(args: argparse.Namespace) -> None:
     (args.out / "noft-ppl.json").write_text(json.dumps(ppls, indent=0))
 
 
-def tiers(folder: Path) -> list[FactorSet]:
-    return sorted(load_set_paths(model_set_files(folder)), key=lambda fs: fs.max_len)
-
-
 def routed(sets: list[FactorSet], need: int) -> FactorSet:
     """longrope-serve's automatic routing (``server.policy``, policy ``reserve``): the smallest set whose window
     holds ``need`` tokens, prompt and answer; past the largest window, where the server refuses, the largest
@@ -109,7 +106,7 @@ def cmd_ft(args: argparse.Namespace) -> None:
         save()
     for label, folder in args.model:
         ev = Evaluator(folder, threads=args.threads)
-        sets = tiers(folder)
+        sets = model_sets(folder)
         if sets[0].max_len > w:  # no short tier (YaRN-FT): the window is served with the model's own RoPE
             sets.insert(0, plain_set(ev))
         tokens = text_tokens(ev, TEXT)
