@@ -85,13 +85,37 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}tasks", type=name_list(TASKS), default=list(TASKS), help="the tasks of those documents")
     g.add_argument(f"--{prefix}task-text", help=f"haystack text of the task documents (default --{prefix}text)")
     g.add_argument(
+        f"--{prefix}keep-window",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="after training, blend the weights back toward the source model (θ = α·tuned + (1 − α)·source, α"
+        " from 1 down by 0.05) until the in-window task accuracy under the original RoPE is ≥ RATIO × the"
+        " source's, e.g. 0.98; measured on a validation text, never the report's; 0 keeps the trained weights",
+    )
+    g.add_argument(
+        f"--{prefix}keep-window-text",
+        help="haystack text of that measurement (default: "
+        + ("the search's --text" if prefix else "stdlib:search")
+        + ")",
+    )
+    g.add_argument(
+        f"--{prefix}keep-window-samples",
+        type=int,
+        default=24,
+        help="prompts per task and depth of that measurement (11 depths, the fine-tune's --tasks)",
+    )
+    g.add_argument(
         f"--{prefix}time-budget",
         type=float,
         help="minutes; after the step that passes it, write a checkpoint and stop (continue with --resume)",
     )
 
 
-def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "") -> Any:
+def finetune_config(
+    args: argparse.Namespace, target_len: int, prefix: str = "", guard_text: str = "stdlib:search"
+) -> Any:
+    """The fine-tune's settings from the options; ``guard_text`` is the window guard's text by default."""
     from factors.training.plan import FinetuneConfig
 
     def get(name: str) -> Any:
@@ -118,6 +142,9 @@ def finetune_config(args: argparse.Namespace, target_len: int, prefix: str = "")
         task_ratio=get("task-ratio"),
         tasks=tuple(get("tasks")),
         task_text=get("task-text"),
+        keep_window=get("keep-window"),
+        keep_window_text=get("keep-window-text") or guard_text,
+        keep_window_samples=get("keep-window-samples"),
     )
     try:
         config.validate()
@@ -152,6 +179,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
         return 3
     ft.save(out)
+    if (g := ft.guard_record) is not None:
+        print(
+            f"window guard: kept α {g['alpha']:g} of the fine-tune, in-window accuracy {g['accuracy']:.4f} (source"
+            f" {g['source_accuracy']:.4f}, target {g['target']:.4f}"
+            + ("" if g["met"] else ": not met, the most accurate α tried")
+            + ")",
+            file=sys.stderr,
+        )
     print(
         f"fine-tuned {state.step} steps in {state.elapsed_s:.0f} s (loss {state.losses[0]:.4f} → {state.losses[-1]:.4f});"
         f" wrote {out} (serve it with: longrope-serve --model {out})",
@@ -161,13 +196,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
+    from factors.search.objective import text_specs
     from factors.training.extend import STAGES, ExtendPlan, ExtendRun, ReportPlan, StageInterrupted
 
     sp = search_plan(args)
     try:
         plan = ExtendPlan(
             search=sp,
-            finetune=finetune_config(args, args.target_len, prefix="ft_"),
+            finetune=finetune_config(args, args.target_len, prefix="ft_", guard_text="+".join(text_specs(sp.text))),
             next_target=args.next_target,
             next_samples=args.next_samples,
             next_budget={

@@ -40,12 +40,18 @@ from factors.formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json
 from factors.schema import FactorSet, FactorSetError
 from factors.search.evolution import SearchConfig, SearchPlan
 from factors.training.finetune import Finetuner
-from factors.training.plan import FinetuneConfig
+from factors.training.plan import GUARD_FIELDS, FinetuneConfig
 
 logger = logging.getLogger("longrope.extend")
 
 STATE_FILE = "extend.json"
 STAGES = ("search", "finetune", "next", "short", "compare", "report")
+
+
+def guarded(record: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tune's window guard chose, for extend.json (nothing without the guard)."""
+    g = record.get("window_guard")
+    return {"window_alpha": g["alpha"], "window_accuracy": g["accuracy"]} if g else {}
 
 
 class StageInterrupted(Exception):
@@ -108,6 +114,7 @@ class ExtendPlan:
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one (budgets of time and progress aside)."""
         s = self.search
+        guarded = self.finetune.keep_window > 0
         search = {
             "long": {**asdict(s.long), "time_budget_s": None},
             "short": {**asdict(s.short), "time_budget_s": None} if s.short else None,
@@ -138,6 +145,8 @@ class ExtendPlan:
                     "next_budget": self.next_budget,
                     "compare": list(self.compare),
                     "report": asdict(self.report),
+                    # a plan without the window guard keeps its identity of before
+                    **({"window_guard": {k: getattr(self.finetune, k) for k in GUARD_FIELDS}} if guarded else {}),
                 }
             )
         )
@@ -235,7 +244,9 @@ class ExtendRun:
         if "finetune" in stages and "finetune" not in self.done:
             t0 = time.monotonic()
             record = self._finetune(self.load("first"), self.model_dir, self.out / "checkpoints" / "finetune")
-            self._finish("finetune", t0, first_loss=record["first_loss"], last_loss=record["last_loss"])
+            self._finish(
+                "finetune", t0, first_loss=record["first_loss"], last_loss=record["last_loss"], **guarded(record)
+            )
         if "next" in stages and "next" not in self.done:
             t0 = time.monotonic()
             name = f"{plan.name}-{plan.next_target}"
@@ -276,7 +287,7 @@ class ExtendRun:
                 record = self._finetune(trained, folder, self.out / "checkpoints" / f"finetune-{method}")
                 longer = make_baseline(method, geo, plan.next_target, name=f"{method}-{plan.next_target}")
                 save_json_set(longer, folder / MODEL_SETS_DIR / f"{longer.name}.json")
-                info[method] = {"last_loss": record["last_loss"], "seconds": record["seconds"]}
+                info[method] = {"last_loss": record["last_loss"], "seconds": record["seconds"], **guarded(record)}
             self._finish("compare", t0, **info)
         if "report" in stages and "report" not in self.done:
             from factors.training.report import write_report

@@ -16,6 +16,9 @@ data of step k does not depend on what ran before it; with the model and optimis
 checkpoint (written atomically every ``checkpoint_every`` steps and when the time budget stops the run), a
 resumed run reproduces the uninterrupted one exactly (CPU, deterministic algorithms, same thread count).
 
+With ``keep_window`` > 0, once the last step is done, the window guard (:mod:`.window_guard`) blends the
+weights back toward the source until the window keeps that share of its task accuracy.
+
 The output is a model folder ``longrope-serve`` serves as it is: the weights, the source's config and
 tokenizer, the set under ``longrope-sets/`` (:data:`factors.formats.MODEL_SETS_DIR`, which the server
 loads with the model) and ``finetune.json``, the provenance record (data, steps, lengths, losses, seconds).
@@ -41,6 +44,7 @@ from factors.evaluation.evaluator import Evaluator, FactorSetRotary
 from factors.formats import MODEL_SETS_DIR, save_json_set
 from factors.schema import FactorSet, FactorSetError
 from factors.training.plan import FinetuneConfig, step_batches
+from factors.training.window_guard import keep_window
 
 CHECKPOINT_NAME = "finetune.ckpt.pt"
 RECORD_NAME = "finetune.json"
@@ -93,6 +97,7 @@ class Finetuner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.state = FinetuneState()
+        self.guard_record: dict[str, Any] | None = None  # what the window guard chose (keep_window > 0)
         self.short_len = config.short_len or min(config.target_len, ev.rope.geometry.original_max_len)
         self._short_rotary: FactorSetRotary | None = None
         if config.mixed_short > 0:
@@ -132,6 +137,7 @@ class Finetuner:
         cfg, st = self.cfg, self.state
         if st.step >= cfg.steps:
             st.stopped_by = "steps"
+            self.keep_window()
             return st
         self.ev.use(self.fs, cfg.target_len)
         self.ev.forget_measurements()  # the weights change: no perplexity measured before holds
@@ -191,7 +197,19 @@ class Finetuner:
             if bar is not None:
                 bar.close()
         st.stopped_by = "steps"
+        self.keep_window()
         return st
+
+    def keep_window(self) -> None:
+        """Once the training is done, the window guard (:mod:`.window_guard`, with ``keep_window`` > 0): the
+        weights blended back toward the source until the window keeps its accuracy. The checkpoint keeps the
+        trained weights, so a resumed run chooses the same blend."""
+        if self.cfg.keep_window <= 0 or self.guard_record is not None:
+            return
+        try:
+            self.guard_record = keep_window(self.ev, self.cfg.guard, self.cfg.tasks)
+        except ValueError as err:
+            raise FactorSetError(f"window guard: {err}") from None
 
     # -- checkpoint --------------------------------------------------------------------------------
 
@@ -252,6 +270,7 @@ class Finetuner:
             "dtype": str(self.ev.dtype).removeprefix("torch."),
             "config": asdict(cfg),
             "mixed": self.mixed_record(),
+            "window_guard": self.guard_record,
         }
 
     def mixed_record(self) -> dict[str, Any] | None:

@@ -19,6 +19,9 @@ import torch
 
 from factors.evaluation.tasks import TASKS
 from factors.schema import FactorSetError
+from factors.training.window_guard import WindowGuard
+
+GUARD_FIELDS = ("keep_window", "keep_window_text", "keep_window_samples")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,14 @@ class FinetuneConfig:
     task_ratio: float = 0.0  # fraction of sequences that are task documents
     tasks: tuple[str, ...] = TASKS
     task_text: str | None = None  # haystack text of the task documents (default: text)
+    keep_window: float = 0.0  # after training, blend back toward the source to keep this × its in-window accuracy
+    keep_window_text: str = "stdlib:search"  # validation haystack of that guard (never the report's text)
+    keep_window_samples: int = 24  # its prompts per task and depth (11 depths)
+
+    @property
+    def guard(self) -> WindowGuard:
+        """The window guard applied after training (:mod:`.window_guard`; ``keep`` 0: none)."""
+        return WindowGuard(keep=self.keep_window, text=self.keep_window_text, samples=self.keep_window_samples)
 
     @property
     def mixed(self) -> bool:
@@ -68,6 +79,7 @@ class FinetuneConfig:
             raise ValueError(f"tasks must be one or more of {', '.join(TASKS)} (got {list(self.tasks)})")
         if self.short_len is not None and not 1 <= self.short_len <= self.target_len:
             raise ValueError(f"short_len must be within [1, target_len] (got {self.short_len})")
+        self.guard.validate()
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine to min_lr_ratio·lr."""
@@ -77,9 +89,10 @@ class FinetuneConfig:
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    # the checkpoint must come from the same run: everything but the time budget and the checkpoint rhythm
+    # the checkpoint must come from the same run: everything but the time budget, the checkpoint rhythm and the
+    # window guard (which runs after the last step, on the trained weights)
     def identity(self) -> dict[str, Any]:
-        skip = ("time_budget_s", "checkpoint_every", "gradient_checkpointing")
+        skip = ("time_budget_s", "checkpoint_every", "gradient_checkpointing", *GUARD_FIELDS)
         out = {k: v for k, v in asdict(self).items() if k not in skip}
         if not self.mixed:  # a plain fine-tune keeps the identity it had before mixed training existed
             for k in ("mixed_short", "short_len", "task_ratio", "tasks", "task_text"):
