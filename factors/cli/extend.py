@@ -17,6 +17,7 @@ from factors.cli.search import add_search_budget_options, add_short_budget_optio
 from factors.evaluation.tasks import TASKS
 from factors.formats import load_any
 from factors.schema import FactorSetError
+from factors.search.objective import OBJECTIVES
 
 
 def _evaluator_factory(args: argparse.Namespace) -> Any:
@@ -211,6 +212,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
                 for k in ("population", "parents", "mutations", "crossovers", "generations")
                 if getattr(args, f"next_{k}") is not None
             },
+            next_objective=args.next_objective,
             compare=tuple(args.compare),
             report=ReportPlan(
                 text=args.report_text,
@@ -293,6 +295,12 @@ def add_extend_commands(sub: Any) -> None:
     p.add_argument("--next-samples", type=int, help="windows per evaluation of the next search (default --samples)")
     for what in ("population", "parents", "mutations", "crossovers", "generations"):
         p.add_argument(f"--next-{what}", type=int, help=f"{what} of the next search (default --{what})")
+    p.add_argument(
+        "--next-objective",
+        choices=OBJECTIVES,
+        help="objective of the next search (default --objective). Past the fine-tuned length a small model may"
+        " retrieve nothing at all, and needle-ppl then ranks failures: ppl fits the text there",
+    )
     add_short_budget_options(p)
     add_finetune_options(p, prefix="ft-")
     g = p.add_argument_group("comparison and report")

@@ -39,6 +39,7 @@ from factors.baselines import make_baseline
 from factors.formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json_set
 from factors.schema import FactorSet, FactorSetError
 from factors.search.evolution import SearchConfig, SearchPlan
+from factors.search.objective import OBJECTIVES
 from factors.training.finetune import Finetuner
 from factors.training.plan import GUARD_FIELDS, FinetuneConfig
 
@@ -88,6 +89,7 @@ class ExtendPlan:
     next_target: int
     next_samples: int | None = None
     next_budget: dict[str, int] = field(default_factory=dict)  # population/parents/... of the next search
+    next_objective: str | None = None  # the next search's objective (default: the first search's)
     compare: tuple[str, ...] = ()
     report: ReportPlan = field(default_factory=ReportPlan)
 
@@ -101,6 +103,8 @@ class ExtendPlan:
             raise ValueError(f"the fine-tune length ({self.finetune.target_len}) must be the first target ({first})")
         self.finetune.validate()
         self.next_config.validate()
+        if self.next_objective is not None and self.next_objective not in OBJECTIVES:
+            raise ValueError(f"next objective must be one of {', '.join(OBJECTIVES)} (got {self.next_objective!r})")
 
     @property
     def next_config(self) -> SearchConfig:
@@ -143,6 +147,7 @@ class ExtendPlan:
                     "next_target": self.next_target,
                     "next_samples": self.next_samples,
                     "next_budget": self.next_budget,
+                    **({"next_objective": self.next_objective} if self.next_objective else {}),
                     "compare": list(self.compare),
                     "report": asdict(self.report),
                     # a plan without the window guard keeps its identity of before
@@ -259,6 +264,7 @@ class ExtendRun:
                 name=name,
                 checkpoint=sp.checkpoint(name),
                 samples=plan.next_samples or sp.samples,
+                objective=plan.next_objective,
                 extra_seeds=[scaled_seed(first, plan.next_target), turned_seed(first, plan.next_target)],
             )
             self._save_set(nxt, "next")

@@ -124,10 +124,12 @@ def test_a_folder_is_never_mixed_with_another_run(
     assert _extend(uninterrupted, "--resume") == 0
 
 
-def test_extend_the_longrope2_way(tmp_path: Path) -> None:
+@pytest.mark.parametrize("next_objective", [None, "ppl"])
+def test_extend_the_longrope2_way(tmp_path: Path, next_objective: str | None) -> None:
     """extend with needle-driven search, the critical-dimension constraint and mixed-window fine-tuning: each
     reaches its stage (the sets' provenance, finetune.json), and the short tier of a model that kept the
-    original RoPE in its window is that RoPE (λ = 1, n̂ = 0, mscale 1), as LongRoPE2 keeps it."""
+    original RoPE in its window is that RoPE (λ = 1, n̂ = 0, mscale 1), as LongRoPE2 keeps it; the next
+    search runs under --next-objective when given, and the plan records it."""
     out = tmp_path / "run"
     argv = ["extend", "--model", str(MODEL), "--threads", "1", "--target-len", "256", "--next-target", "512"]
     argv += ["--objective", "needle-ppl", "--critical-dim", "auto", "--text", "stdlib:search,stdlib:heldout"]
@@ -136,14 +138,17 @@ def test_extend_the_longrope2_way(tmp_path: Path) -> None:
     argv += ["--short-population", "2", "--short-parents", "1", "--ft-steps", "1", "--ft-grad-accum", "4"]
     argv += ["--ft-mixed-window", "0.5", "--ft-task-ratio", "0.5", "--ft-text", "stdlib:search"]
     argv += ["--skip", "compare,report", "--no-progress", "--out", str(out)]
+    argv += ["--next-objective", next_objective] if next_objective else []
     assert main(argv) == 0
     first, nxt, short = (load_json_set(out / "sets" / f"longrope-{t}.json") for t in ("256", "512", "short"))
-    for fs, s in ((first, 2.0), (nxt, 4.0)):
-        assert fs.provenance.metrics["objective"] == "needle-ppl" and fs.provenance.metrics["critical_pair"] == 11
+    for fs, s, objective in ((first, 2.0, "needle-ppl"), (nxt, 4.0, next_objective or "needle-ppl")):
+        assert fs.provenance.metrics["objective"] == objective and fs.provenance.metrics["critical_pair"] == 11
         assert min(fs.factors[11:]) >= s
     assert short.factors == [1.0] * len(first.factors) and short.n_hat == 0 and short.resolved_mscale == 1.0
     assert short.max_len == 128 and "mixed context window" in short.provenance.notes
     assert (out / "model" / "longrope-sets" / "longrope-short.json").exists()
     record = json.loads((out / "model" / "finetune.json").read_text())
     assert record["mixed"]["short_len"] == 128 and record["mixed"]["short_sequences"] > 0
-    assert json.loads((out / "extend.json").read_text())["plan"]["search"]["objective"]["objective"] == "needle-ppl"
+    plan = json.loads((out / "extend.json").read_text())["plan"]
+    assert plan["search"]["objective"]["objective"] == "needle-ppl"
+    assert plan.get("next_objective") == next_objective  # absent by default: older runs keep their identity
