@@ -92,7 +92,8 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         metavar="RATIO",
         help="after training, blend the weights back toward the source model (θ = α·tuned + (1 − α)·source, α"
         " from 1 down by 0.05) until the in-window task accuracy under the original RoPE is ≥ RATIO × the"
-        " source's, e.g. 0.98; measured on a validation text, never the report's; 0 keeps the trained weights",
+        " source's, e.g. 0.98; measured on a validation text, never the report's; needs"
+        f" --{prefix}mixed-window > 0; 0 keeps the trained weights",
     )
     g.add_argument(
         f"--{prefix}keep-window-text",
@@ -104,7 +105,7 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         f"--{prefix}keep-window-samples",
         type=int,
         default=24,
-        help="prompts per task and depth of that measurement (11 depths, the fine-tune's --tasks)",
+        help=f"prompts per task and depth of that measurement (11 depths, the tasks of --{prefix}tasks)",
     )
     g.add_argument(
         f"--{prefix}time-budget",

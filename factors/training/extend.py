@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +48,11 @@ logger = logging.getLogger("longrope.extend")
 
 STATE_FILE = "extend.json"
 STAGES = ("search", "finetune", "next", "short", "compare", "report")
+
+
+def text_kinds(spec: str) -> set[str]:
+    """The texts a spec names (``a+b`` and ``a,b`` alike): what two stages must not share."""
+    return {part.strip() for part in re.split(r"[+,]", spec) if part.strip()}
 
 
 def guarded(record: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +109,13 @@ class ExtendPlan:
             raise ValueError(f"the fine-tune length ({self.finetune.target_len}) must be the first target ({first})")
         self.finetune.validate()
         self.next_config.validate()
+        if self.finetune.keep_window > 0:
+            shared = text_kinds(self.finetune.keep_window_text) & text_kinds(self.report.text)
+            if shared:
+                raise ValueError(
+                    f"the window guard's text and the report's share {', '.join(sorted(shared))}: the guard must"
+                    " choose on text the report does not measure on (--ft-keep-window-text)"
+                )
         if self.next_objective is not None and self.next_objective not in OBJECTIVES:
             raise ValueError(f"next objective must be one of {', '.join(OBJECTIVES)} (got {self.next_objective!r})")
 
@@ -131,7 +144,7 @@ class ExtendPlan:
         }
         if s.long.critical_pair is None:  # a plan without LongRoPE2's options keeps its identity of before
             search["long"].pop("critical_pair")
-        if s.objective != "ppl":
+        if s.objective != "ppl" or self.next_objective not in (None, "ppl"):  # what the needle documents are
             search["objective"] = {
                 "objective": s.objective,
                 "tasks": list(s.needle_tasks),

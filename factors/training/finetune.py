@@ -44,7 +44,7 @@ from factors.evaluation.evaluator import Evaluator, FactorSetRotary
 from factors.formats import MODEL_SETS_DIR, save_json_set
 from factors.schema import FactorSet, FactorSetError
 from factors.training.plan import FinetuneConfig, step_batches
-from factors.training.window_guard import keep_window
+from factors.training.window_guard import SourceAccuracy, keep_window, source_accuracy
 
 CHECKPOINT_NAME = "finetune.ckpt.pt"
 RECORD_NAME = "finetune.json"
@@ -98,6 +98,7 @@ class Finetuner:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.state = FinetuneState()
         self.guard_record: dict[str, Any] | None = None  # what the window guard chose (keep_window > 0)
+        self._guard_source: SourceAccuracy | None = None  # the source's in-window accuracy, before training
         self.short_len = config.short_len or min(config.target_len, ev.rope.geometry.original_max_len)
         self._short_rotary: FactorSetRotary | None = None
         if config.mixed_short > 0:
@@ -132,6 +133,11 @@ class Finetuner:
 
     def run(self, resume: bool = False) -> FinetuneState:
         """Train until ``steps`` or the time budget (checked after each step); resumable from the checkpoint."""
+        if self.cfg.keep_window > 0 and self._guard_source is None:
+            try:  # the weights are still the source's: a guard that cannot work fails before any training
+                self._guard_source = source_accuracy(self.ev, self.cfg.guard, self.cfg.tasks)
+            except (ValueError, OSError) as err:
+                raise FactorSetError(f"window guard: {err}") from None
         if resume:
             self.load_checkpoint()
         cfg, st = self.cfg, self.state
@@ -206,8 +212,10 @@ class Finetuner:
         trained weights, so a resumed run chooses the same blend."""
         if self.cfg.keep_window <= 0 or self.guard_record is not None:
             return
+        self.optimizer.zero_grad(set_to_none=True)  # training is over: room for the guard's two copies
+        self.optimizer.state.clear()
         try:
-            self.guard_record = keep_window(self.ev, self.cfg.guard, self.cfg.tasks)
+            self.guard_record = keep_window(self.ev, self.cfg.guard, self.cfg.tasks, self._guard_source)
         except ValueError as err:
             raise FactorSetError(f"window guard: {err}") from None
 

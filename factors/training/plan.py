@@ -80,6 +80,11 @@ class FinetuneConfig:
         if self.short_len is not None and not 1 <= self.short_len <= self.target_len:
             raise ValueError(f"short_len must be within [1, target_len] (got {self.short_len})")
         self.guard.validate()
+        if self.keep_window > 0 and self.mixed_short == 0:
+            raise ValueError(
+                "keep_window needs mixed_short > 0: the guard measures the window under the original RoPE, which"
+                " only mixed context window training serves there (a plain fine-tune's window is readjusted)"
+            )
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine to min_lr_ratio·lr."""

@@ -26,7 +26,7 @@ from factors.evaluation.tasks import TASKS
 
 logger = logging.getLogger("longrope.window_guard")
 
-ANSWER_ROOM = 32  # in-window prompts are W − ANSWER_ROOM long, so prompt and the longest compact answer fit
+ANSWER_ROOM = 32  # in-window prompts are W − ANSWER_ROOM bytes, so prompt and the longest compact answer fit
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ def in_window_accuracy(ev: Any, prompts: list[Any]) -> tuple[float, dict[str, fl
 
 
 def guard_prompts(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> list[Any]:
+    """The guard's prompts: compact format, W − ANSWER_ROOM bytes (as many tokens for a byte-level model, fewer
+    under a subword tokenizer), ``guard.depths`` depths × ``guard.samples`` per task, haystack ``guard.text``."""
     from factors.evaluation.ruler import load_haystack
     from factors.evaluation.tasks import make_suite
 
@@ -81,15 +83,36 @@ def guard_prompts(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -
     return make_suite(tasks, [length], guard.depths, guard.samples, load_haystack(guard.text), guard.seed)
 
 
+SourceAccuracy = tuple[float, dict[str, float]]  # mean over tasks, and each task's
+
+
+def source_accuracy(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> SourceAccuracy:
+    """The in-window accuracy of ``ev``'s current weights, which must be the source's: measured before any
+    training, so that a guard that cannot work fails before the fine-tune, not after it."""
+    prompts = guard_prompts(ev, guard, tasks)
+    acc, per = in_window_accuracy(ev, prompts)
+    if acc == 0:
+        raise ValueError(
+            f"{ev.model_dir} retrieves none of {len(prompts)} in-window task prompts (compact format): the window"
+            " guard has nothing to keep; fine-tune without --keep-window"
+        )
+    return acc, per
+
+
 def _blend(model: Any, tuned: dict[str, torch.Tensor], source: dict[str, torch.Tensor], alpha: float) -> None:
+    """Both copies stay on the CPU; each blended tensor goes to the parameter's device as it is written."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_((alpha * tuned[name].float() + (1 - alpha) * source[name].float()).to(p.dtype))
 
 
-def keep_window(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
+def keep_window(
+    ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS, source: SourceAccuracy | None = None
+) -> dict[str, Any]:
     """Blend ``ev.model`` (fine-tuned in place from ``ev.model_dir``) back toward the source until the window
-    keeps ``guard.keep`` × the source's accuracy; leave the chosen weights in the model; return the record.
+    keeps ``guard.keep`` × the source's accuracy (``source``, measured before training by
+    :func:`source_accuracy`; measured here on the source's weights if not given); leave the chosen weights in
+    the model; return the record.
 
     The largest α that meets the target wins; if none down to ``floor`` does, the most accurate one tried
     (the record says ``met: false`` and a warning is logged)."""
@@ -98,25 +121,24 @@ def keep_window(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> 
     t0 = time.monotonic()
     prompts = guard_prompts(ev, guard, tasks)
     model = ev.model
-    tuned = {n: p.detach().clone() for n, p in model.named_parameters()}
-    source_model = AutoModelForCausalLM.from_pretrained(ev.model_dir, dtype=ev.dtype)
-    source = {n: p.detach().to(ev.device) for n, p in source_model.named_parameters()}
-    del source_model
-    if tuned.keys() != source.keys():
+    tuned = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    source_model = AutoModelForCausalLM.from_pretrained(ev.model_dir, dtype=ev.dtype)  # on the CPU
+    weights = {n: p.detach() for n, p in source_model.named_parameters()}
+    if tuned.keys() != weights.keys():
         raise ValueError(f"the fine-tuned model's parameters differ from {ev.model_dir}'s; nothing to blend")
-    _blend(model, tuned, source, 0.0)
-    base, base_per = in_window_accuracy(ev, prompts)
-    if base == 0:
-        _blend(model, tuned, source, 1.0)
-        raise ValueError(
-            f"{ev.model_dir} retrieves none of {len(prompts)} in-window task prompts (compact format): the window"
-            " guard has nothing to keep; fine-tune without --keep-window"
-        )
+    if source is None:
+        _blend(model, tuned, weights, 0.0)
+        try:
+            source = source_accuracy(ev, guard, tasks)
+        except ValueError:
+            _blend(model, tuned, weights, 1.0)
+            raise
+    base, base_per = source
     target = guard.keep * base
     tried: list[dict[str, Any]] = []
     chosen = None
     for alpha in guard.alphas():
-        _blend(model, tuned, source, alpha)
+        _blend(model, tuned, weights, alpha)
         acc, per = in_window_accuracy(ev, prompts)
         tried.append({"alpha": alpha, "accuracy": round(acc, 6), "tasks": {t: round(v, 6) for t, v in per.items()}})
         logger.info("window guard: α %.2f keeps %.4f in the window (target %.4f)", alpha, acc, target)
@@ -134,7 +156,7 @@ def keep_window(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> 
             chosen["alpha"],
             chosen["accuracy"],
         )
-    _blend(model, tuned, source, chosen["alpha"])
+    _blend(model, tuned, weights, chosen["alpha"])
     ev.forget_measurements()
     return {
         "keep": guard.keep,

@@ -47,7 +47,9 @@ def test_alphas_run_from_one_down_to_the_floor_and_bad_settings_are_refused() ->
     # the guard acts after training: a checkpoint does not depend on it
     assert FinetuneConfig(target_len=256, keep_window=0.98).identity() == FinetuneConfig(target_len=256).identity()
     with pytest.raises(ValueError, match="keep_window"):
-        FinetuneConfig(target_len=256, keep_window=2.0).validate()
+        FinetuneConfig(target_len=256, keep_window=2.0, mixed_short=0.25).validate()
+    with pytest.raises(ValueError, match="needs mixed_short"):  # it measures the window under the original RoPE
+        FinetuneConfig(target_len=256, keep_window=0.98).validate()
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.5])
@@ -76,6 +78,19 @@ def test_the_guard_keeps_the_largest_alpha_that_meets_its_target_and_leaves_that
     assert in_window_accuracy(ev, guard_prompts(ev, guard))[0] == pytest.approx(record["accuracy"], abs=1e-6)
 
 
+def test_a_source_that_retrieves_nothing_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", str(SHORT), "--threads", "1", "-o", str(out), "--no-progress", "--steps", "1"]
+    argv += ["--set", str(ROOT / "factors" / "data" / "tiny-short" / "sets" / "longrope-256.json")]
+    argv += ["--mixed-window", "0.5", "--keep-window", "0.98", "--keep-window-samples", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "window guard:" in err and "retrieves none of 44 in-window task prompts" in err
+    assert not out.with_name("ft.ckpt").exists() and not out.exists()  # nothing trained, nothing written
+
+
 def test_a_source_that_retrieves_nothing_is_refused_and_the_weights_stay_tuned() -> None:
     ev = _tuned_in_place(SHORT, SHORT)
     before = _params(ev)
@@ -85,18 +100,38 @@ def test_a_source_that_retrieves_nothing_is_refused_and_the_weights_stay_tuned()
         assert torch.equal(p.detach(), before[n])
 
 
-def test_finetune_command_records_the_window_guard(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep", [0.95, 0.98])
+def test_finetune_command_records_the_window_guard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], keep: float
+) -> None:
+    """A fine-tune at a learning rate that hurts the window (4 steps at 3e-3) is blended back: the saved
+    weights are α·(the checkpoint's trained weights) + (1 − α)·(the source's), with the α it records — the
+    largest that meets the target (0.95), or, when none does (0.98), the most accurate, said so."""
     out = tmp_path / "ft"
     argv = ["finetune", "--model", str(BASE), "--threads", "1", "-o", str(out), "--no-progress"]
-    argv += ["--set", str(BASE / "longrope-sets" / "longrope-2048.json"), "--target-len", "256", "--steps", "1"]
-    argv += ["--grad-accum", "1", "--lr", "1e-5", "--keep-window", "0.98", "--keep-window-samples", "1"]
+    argv += ["--set", str(BASE / "longrope-sets" / "longrope-2048.json"), "--target-len", "256", "--steps", "4"]
+    argv += ["--grad-accum", "1", "--lr", "3e-3", "--warmup", "1", "--mixed-window", "0.5", "--task-ratio", "0.5"]
+    argv += ["--keep-window", str(keep), "--keep-window-samples", "1"]
     assert main(argv) == 0
     record = json.loads((out / "finetune.json").read_text())
-    guard = record["window_guard"]
-    assert guard["keep"] == 0.98 and guard["text"] == "stdlib:search" and guard["prompts"] == 44
-    assert guard["length"] == 224 and guard["alpha"] == guard["tried"][-1]["alpha"]
-    assert record["config"]["keep_window"] == 0.98
-    # what was saved is the blend the guard left
+    guard, tried = record["window_guard"], record["window_guard"]["tried"]
+    assert guard["keep"] == keep and guard["text"] == "stdlib:search" and guard["prompts"] == 44
+    assert guard["length"] == 224 and record["config"]["keep_window"] == keep
+    assert tried[0]["alpha"] == 1.0 and tried[0]["accuracy"] < guard["target"]  # the fine-tune hurt the window
+    assert all(t["accuracy"] < guard["target"] for t in tried[:-1])
+    err = capsys.readouterr().err
+    if guard["met"]:
+        assert guard["alpha"] == tried[-1]["alpha"] and tried[-1]["accuracy"] >= guard["target"]
+    else:
+        assert len(tried) == len(WindowGuard().alphas()) and "not met" in err
+        assert guard["accuracy"] == max(t["accuracy"] for t in tried)
+    assert f"kept α {guard['alpha']:g}" in err
+    a = guard["alpha"]
+    assert a < 1
+    trained = torch.load(out.with_name("ft.ckpt") / "finetune.ckpt.pt", weights_only=False)["model"]
+    source, saved = load_file(BASE / "model.safetensors"), load_file(out / "model.safetensors")
+    for name, w in saved.items():
+        torch.testing.assert_close(w, a * trained[name] + (1 - a) * source[name], rtol=0, atol=1e-6)
     ev = Evaluator(out, threads=1)
     assert in_window_accuracy(ev, guard_prompts(ev, WindowGuard(samples=1)))[0] == pytest.approx(guard["accuracy"])
 
@@ -106,8 +141,9 @@ def test_an_extend_plan_names_its_guard_and_an_unguarded_plan_keeps_its_identity
     from factors.training.extend import ExtendPlan
 
     search = SearchPlan(long=SearchConfig(target_len=256), short=SearchConfig(target_len=128))
-    plain = ExtendPlan(search=search, finetune=FinetuneConfig(target_len=256), next_target=512)
-    guarded = replace(plain, finetune=FinetuneConfig(target_len=256, keep_window=0.98, keep_window_text="x.txt"))
+    mixed = FinetuneConfig(target_len=256, mixed_short=0.25)
+    plain = ExtendPlan(search=search, finetune=mixed, next_target=512)
+    guarded = replace(plain, finetune=replace(mixed, keep_window=0.98, keep_window_text="x.txt"))
     assert "window_guard" not in plain.identity()
     assert guarded.identity()["window_guard"] == {
         "keep_window": 0.98,
@@ -115,3 +151,11 @@ def test_an_extend_plan_names_its_guard_and_an_unguarded_plan_keeps_its_identity
         "keep_window_samples": 24,
     }
     assert {k: v for k, v in guarded.identity().items() if k != "window_guard"} == plain.identity()
+    # the guard never chooses on the report's text
+    with pytest.raises(ValueError, match="share stdlib:heldout"):
+        replace(guarded, finetune=replace(guarded.finetune, keep_window_text="stdlib:search+stdlib:heldout"))
+    # a next search on needles puts the needle documents' settings into the identity, as a first one does
+    assert "objective" not in plain.identity()["search"]
+    assert replace(plain, next_objective="needle-ppl").identity()["search"]["objective"]["tasks"] == list(
+        search.needle_tasks
+    )
