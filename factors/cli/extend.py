@@ -199,7 +199,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_extend(args: argparse.Namespace) -> int:
     from factors.search.objective import text_specs
-    from factors.training.extend import STAGES, ExtendPlan, ExtendRun, ReportPlan, StageInterrupted
+    from factors.training.extend import STAGES, ExtendRun, StageInterrupted
+    from factors.training.extend_plan import ExtendPlan, ReportPlan
 
     sp = search_plan(args)
     try:

@@ -138,7 +138,7 @@ def test_finetune_command_records_the_window_guard(
 
 def test_an_extend_plan_names_its_guard_and_an_unguarded_plan_keeps_its_identity() -> None:
     from factors.search.evolution import SearchConfig, SearchPlan
-    from factors.training.extend import ExtendPlan
+    from factors.training.extend_plan import ExtendPlan
 
     search = SearchPlan(long=SearchConfig(target_len=256), short=SearchConfig(target_len=128))
     mixed = FinetuneConfig(target_len=256, mixed_short=0.25)
