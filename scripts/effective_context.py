@@ -21,7 +21,7 @@ from typing import Any
 
 from clients.side_by_side import model_sets
 from factors.evaluation.evaluator import Evaluator
-from factors.evaluation.ruler import answer_budget, load_haystack, plain_set, predict_offline, records
+from factors.evaluation.ruler import ANSWER_ROOM, answer_budget, load_haystack, plain_set, predict_offline, records
 from factors.evaluation.tasks import make_suite
 from factors.formats import load_any, read_model_rope
 from factors.schema import FactorSet
@@ -68,7 +68,7 @@ def cmd_noft(args: argparse.Namespace) -> None:
     recs, ppls = [], []
     for ratio in (2, 4, 8):
         n = ratio * w
-        prompts = suite(["niah_single", "niah_multikey"], n - 32, args.samples)
+        prompts = suite(["niah_single", "niah_multikey"], n - ANSWER_ROOM, args.samples)
         for method in METHODS:
             fs = plain_set(ev) if method == "plain" else load_any(args.sets / f"{method}-{n}.json")[0]
             recs += measure(ev, fs, prompts, method)
@@ -92,7 +92,7 @@ def cmd_ft(args: argparse.Namespace) -> None:
     task) under its short tier; with --base the base fixture in the window under plain RoPE."""
     w = read_model_rope(BASE).geometry.original_max_len
     recs, ppls = [], []
-    inwin = suite(["niah_single", "niah_multikey", "niah_multivalue", "vt"], w - 32, args.samples)
+    inwin = suite(["niah_single", "niah_multikey", "niah_multivalue", "vt"], w - ANSWER_ROOM, args.samples)
     stem = "ft-" + "-".join([*(["base"] if args.base else []), *(label for label, _ in args.model)])
 
     def save() -> None:
@@ -123,7 +123,7 @@ def cmd_ft(args: argparse.Namespace) -> None:
             # past 8W --long-samples, fewer again past 32W: one 32k prompt takes half a minute on a core
             k = args.samples if n <= 8 * w else max(1, args.long_samples * 8192 // max(n, 8192))
             tasks = ["niah_single", "niah_multikey"] if n <= 16384 else ["niah_single"]
-            prompts = suite(tasks, n - 32, k)
+            prompts = suite(tasks, n - ANSWER_ROOM, k)
             assert all(p.length + answer_budget(p.answer) <= max(n, fs.max_len) for p in prompts)
             recs += measure(ev, fs, prompts, label)
             ppls.append(ppl(ev, fs, tokens, n, max(2, args.ppl_windows * 2048 // n), label))

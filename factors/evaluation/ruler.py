@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 PLAIN = "plain"  # --set plain: the model's own RoPE (λ = 1, n̂ = 0, mscale 1, float64 angles)
 HAYSTACK_CHARS = 4_000_000  # text read for haystacks: the generator draws windows at seeded offsets in it
 BATCH_TOKENS = 16_384  # prompt tokens per forward of the offline predictor (activations stay small)
+ANSWER_ROOM = 32  # prompts W − ANSWER_ROOM bytes long leave room in a window of W for the longest compact answer
 
 
 @dataclass(frozen=True)

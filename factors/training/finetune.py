@@ -44,7 +44,7 @@ from factors.evaluation.evaluator import Evaluator, FactorSetRotary
 from factors.formats import MODEL_SETS_DIR, save_json_set
 from factors.schema import FactorSet, FactorSetError
 from factors.training.plan import FinetuneConfig, step_batches
-from factors.training.window_guard import SourceAccuracy, keep_window, source_accuracy
+from factors.training.window_guard import SourceWindow, keep_window, source_accuracy
 
 CHECKPOINT_NAME = "finetune.ckpt.pt"
 RECORD_NAME = "finetune.json"
@@ -98,7 +98,7 @@ class Finetuner:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.state = FinetuneState()
         self.guard_record: dict[str, Any] | None = None  # what the window guard chose (keep_window > 0)
-        self._guard_source: SourceAccuracy | None = None  # the source's in-window accuracy, before training
+        self._guard_source: SourceWindow | None = None  # the guard's prompts and the source's accuracy on them
         self.short_len = config.short_len or min(config.target_len, ev.rope.geometry.original_max_len)
         self._short_rotary: FactorSetRotary | None = None
         if config.mixed_short > 0:

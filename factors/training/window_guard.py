@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
+from factors.evaluation.ruler import ANSWER_ROOM
 from factors.evaluation.tasks import TASKS
 
 logger = logging.getLogger("longrope.window_guard")
-
-ANSWER_ROOM = 32  # in-window prompts are W − ANSWER_ROOM bytes, so prompt and the longest compact answer fit
 
 
 @dataclass(frozen=True)
@@ -83,20 +82,28 @@ def guard_prompts(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -
     return make_suite(tasks, [length], guard.depths, guard.samples, load_haystack(guard.text), guard.seed)
 
 
-SourceAccuracy = tuple[float, dict[str, float]]  # mean over tasks, and each task's
+@dataclass(frozen=True)
+class SourceWindow:
+    """The guard's prompts and the source's accuracy on them (mean over tasks, and each task's)."""
+
+    prompts: list[Any]
+    accuracy: float
+    tasks: dict[str, float]
 
 
-def source_accuracy(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> SourceAccuracy:
+def source_accuracy(
+    ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS, prompts: list[Any] | None = None
+) -> SourceWindow:
     """The in-window accuracy of ``ev``'s current weights, which must be the source's: measured before any
     training, so that a guard that cannot work fails before the fine-tune, not after it."""
-    prompts = guard_prompts(ev, guard, tasks)
+    prompts = guard_prompts(ev, guard, tasks) if prompts is None else prompts
     acc, per = in_window_accuracy(ev, prompts)
     if acc == 0:
         raise ValueError(
             f"{ev.model_dir} retrieves none of {len(prompts)} in-window task prompts (compact format): the window"
             " guard has nothing to keep; fine-tune without --keep-window"
         )
-    return acc, per
+    return SourceWindow(prompts, acc, per)
 
 
 def _blend(model: Any, tuned: dict[str, torch.Tensor], source: dict[str, torch.Tensor], alpha: float) -> None:
@@ -107,7 +114,7 @@ def _blend(model: Any, tuned: dict[str, torch.Tensor], source: dict[str, torch.T
 
 
 def keep_window(
-    ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS, source: SourceAccuracy | None = None
+    ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS, source: SourceWindow | None = None
 ) -> dict[str, Any]:
     """Blend ``ev.model`` (fine-tuned in place from ``ev.model_dir``) back toward the source until the window
     keeps ``guard.keep`` × the source's accuracy (``source``, measured before training by
@@ -119,7 +126,7 @@ def keep_window(
     from transformers import AutoModelForCausalLM
 
     t0 = time.monotonic()
-    prompts = guard_prompts(ev, guard, tasks)
+    prompts = guard_prompts(ev, guard, tasks) if source is None else source.prompts
     model = ev.model
     tuned = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
     source_model = AutoModelForCausalLM.from_pretrained(ev.model_dir, dtype=ev.dtype)  # on the CPU
@@ -129,11 +136,11 @@ def keep_window(
     if source is None:
         _blend(model, tuned, weights, 0.0)
         try:
-            source = source_accuracy(ev, guard, tasks)
+            source = source_accuracy(ev, guard, tasks, prompts)
         except ValueError:
             _blend(model, tuned, weights, 1.0)
             raise
-    base, base_per = source
+    base, base_per = source.accuracy, source.tasks
     target = guard.keep * base
     tried: list[dict[str, Any]] = []
     chosen = None
