@@ -40,6 +40,7 @@ from factors.formats import MODEL_SETS_DIR, load_any, read_model_rope, save_json
 from factors.schema import FactorSet, FactorSetError
 from factors.training.extend_plan import ExtendPlan
 from factors.training.finetune import Finetuner
+from factors.training.report import write_report
 
 logger = logging.getLogger("longrope.extend")
 
@@ -196,8 +197,6 @@ class ExtendRun:
                 info[method] = {"last_loss": record["last_loss"], "seconds": record["seconds"], **guarded(record)}
             self._finish("compare", t0, **info)
         if "report" in stages and "report" not in self.done:
-            from factors.training.report import write_report
-
             t0 = time.monotonic()
             write_report(self)
             self._finish("report", t0)

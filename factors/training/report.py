@@ -19,14 +19,37 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from factors.baselines import identity_set, make_baseline
 from factors.formats import read_model_rope
 from factors.schema import FactorSet
+from factors.training.extend_plan import ExtendPlan
 
-if TYPE_CHECKING:
-    from factors.training.extend import ExtendRun
+
+class ReportSource(Protocol):
+    """What the report reads from a run (``factors.training.extend.ExtendRun`` is one): the plan, the
+    models and sets the stages left, and the run's cached evaluators and tokens. A protocol, so that the
+    report does not import the run that calls it."""
+
+    plan: ExtendPlan
+    source: Path
+    out: Path
+    done: dict[str, Any]
+
+    @property
+    def original(self) -> int: ...
+
+    @property
+    def model_dir(self) -> Path: ...
+
+    def compare_dir(self, method: str) -> Path: ...
+
+    def load(self, role: str) -> FactorSet: ...
+
+    def evaluator(self, model_dir: Path) -> Any: ...
+
+    def tokens(self, model_dir: Path, text: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +68,7 @@ class Row:
         return min(fitting, key=lambda fs: fs.max_len) if fitting else max(self.tiers, key=lambda fs: fs.max_len)
 
 
-def report_rows(run: ExtendRun) -> list[Row]:
+def report_rows(run: ReportSource) -> list[Row]:
     plan, geo, original = run.plan, read_model_rope(run.source).geometry, run.original
     first_len, next_len = plan.search.long.target_len, plan.next_target
     rows = [Row("plain RoPE", run.source, (identity_set(geo, "original", next_len),))]
@@ -77,7 +100,7 @@ def default_lengths(original: int, top: int) -> tuple[int, ...]:
     return (*out, top)
 
 
-def measure(run: ExtendRun) -> dict[str, Any]:
+def measure(run: ReportSource) -> dict[str, Any]:
     """ppl and passkey records of every row (one evaluator per model, the same windows for every row)."""
     rp, original = run.plan.report, run.original
     geo = read_model_rope(run.source).geometry
@@ -142,7 +165,7 @@ def markdown(result: dict[str, Any], text: str) -> str:
     return "".join(lines)
 
 
-def write_report(run: ExtendRun) -> dict[str, Any]:
+def write_report(run: ReportSource) -> dict[str, Any]:
     from factors.evaluation.plotting import plot_ppl_records
 
     rp = run.plan.report
