@@ -151,11 +151,18 @@ _KIND_TEXT: dict[str, Callable[[str, int | None], str]] = {
 }
 
 
+def text_parts(spec: str) -> tuple[str, ...]:
+    """The texts a spec joins with ``+`` (a file whose own name holds ``+`` is one text)."""
+    if "+" in spec and not Path(spec).exists():
+        return tuple(spec.split("+"))
+    return (spec,)
+
+
 def text_source(spec: str, max_chars: int | None = None) -> str:
     """Text from ``KIND:SPLIT`` (see the module doc), a UTF-8 file path, or several joined by ``+``
     (``stdlib:search+pydoc:search``: each part gets an equal share of max_chars, concatenated)."""
-    if "+" in spec and not Path(spec).exists():
-        parts = spec.split("+")
+    parts = text_parts(spec)
+    if len(parts) > 1:
         share = None if max_chars is None else max_chars // len(parts)
         return "".join(text_source(part, share) for part in parts)
     kind, sep, split = spec.partition(":")

@@ -5,18 +5,19 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from factors.evaluation.corpus import text_parts
 from factors.search.evolution import SearchConfig, SearchPlan
 from factors.search.objective import OBJECTIVES
 from factors.training.plan import GUARD_FIELDS, FinetuneConfig
 
 
 def text_kinds(spec: str) -> set[str]:
-    """The texts a spec names (``a+b`` and ``a,b`` alike): what two stages must not share."""
-    return {part.strip() for part in re.split(r"[+,]", spec) if part.strip()}
+    """The texts a spec names (``a+b`` as the corpus reads it, ``a,b`` as a search does): what two stages
+    must not share."""
+    return {part.strip() for item in spec.split(",") for part in text_parts(item.strip()) if part.strip()}
 
 
 @dataclass(frozen=True)

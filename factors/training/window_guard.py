@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from factors.evaluation.ruler import ANSWER_ROOM
-from factors.evaluation.tasks import TASKS
+from factors.evaluation.ruler import ANSWER_ROOM, load_haystack, plain_set, predict_offline
+from factors.evaluation.tasks import TASKS, make_suite
 
 logger = logging.getLogger("longrope.window_guard")
 
@@ -61,8 +61,6 @@ class WindowGuard:
 
 def in_window_accuracy(ev: Any, prompts: list[Any]) -> tuple[float, dict[str, float]]:
     """Mean over tasks of each task's accuracy under the model's own RoPE (the short tier after mixed windows)."""
-    from factors.evaluation.ruler import plain_set, predict_offline
-
     by_task: dict[str, list[bool]] = {}
     for p in predict_offline(ev, plain_set(ev), prompts):
         by_task.setdefault(p.task, []).append(p.correct)
@@ -73,9 +71,6 @@ def in_window_accuracy(ev: Any, prompts: list[Any]) -> tuple[float, dict[str, fl
 def guard_prompts(ev: Any, guard: WindowGuard, tasks: tuple[str, ...] = TASKS) -> list[Any]:
     """The guard's prompts: compact format, W − ANSWER_ROOM bytes (as many tokens for a byte-level model, fewer
     under a subword tokenizer), ``guard.depths`` depths × ``guard.samples`` per task, haystack ``guard.text``."""
-    from factors.evaluation.ruler import load_haystack
-    from factors.evaluation.tasks import make_suite
-
     length = ev.rope.geometry.original_max_len - ANSWER_ROOM
     if length < 64:
         raise ValueError(f"the model's window ({length + ANSWER_ROOM}) is too short for in-window task prompts")
